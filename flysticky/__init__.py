@@ -1,0 +1,26 @@
+"""flysticky: sticky sessions on Fly.io for Sanic and Quart, by cookie and fly-replay.
+
+``import flysticky`` needs neither framework; the adapters live in
+``flysticky.sanic`` and ``flysticky.quart``.
+"""
+
+from .config import StickyConfig
+from .core import (
+    REPLAY_BODY_LIMIT,
+    Decider,
+    Decision,
+    Outcome,
+    is_machine_id,
+    machine_id_from_env,
+)
+
+__all__ = [
+    "REPLAY_BODY_LIMIT",
+    "Decider",
+    "Decision",
+    "Outcome",
+    "StickyConfig",
+    "is_machine_id",
+    "machine_id_from_env",
+]
+__version__ = "0.1.0"

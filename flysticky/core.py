@@ -1,0 +1,250 @@
+"""The decision core: plain values in, a Decision out. No framework is imported here.
+
+It reads top to bottom as the algorithm in the README:
+skipped -> pinned here -> no valid pin (stamp) -> arrived by replay (re-pin)
+-> body Fly cannot replay (serve off-pin) -> replay to the pinned machine.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .config import StickyConfig
+
+log = logging.getLogger("flysticky")
+
+#: Fly's proxy refuses to replay a request whose body is larger than this.
+REPLAY_BODY_LIMIT = 1024 * 1024
+#: Status of the answer that carries fly-replay; the proxy swallows it, so the
+#: client never sees it. 307 with an empty body is Fly's convention.
+REPLAY_STATUS = 307
+REPLAY_HEADER = "fly-replay"
+#: Request headers Fly's proxy adds to a request it delivers by replay, by a
+#: replay-cache hit, to a substitute for an unavailable preferred machine, or by
+#: a fallback. Such a request is never replayed again.
+ARRIVAL_HEADERS = (
+    "fly-replay-src",
+    "fly-replay-cache-status",
+    "fly-preferred-instance-unavailable",
+    "fly-replay-failed",
+)
+
+# Real machine ids are 14 lowercase hex digits; echofly's tests use ids such as
+# "test-machine-123". Nothing outside this grammar ever reaches a header.
+_MACHINE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def is_machine_id(value: str) -> bool:
+    """True when ``value`` is something flysticky will pin to or put in a header."""
+    return _MACHINE_ID.fullmatch(value) is not None
+
+
+class HeaderLookup(Protocol):
+    """What the core needs of request headers: a case-insensitive ``get``."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+
+class ResponseHeaders(Protocol):
+    """What the core needs of response headers (Sanic's and Werkzeug's both fit)."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+    def add(self, key: str, value: str, /) -> None: ...
+
+    def __setitem__(self, key: str, value: str, /) -> None: ...
+
+
+class Outcome(enum.Enum):
+    """What flysticky did with a request, and why."""
+
+    SKIPPED = "skipped"  # the skipper said so: untouched
+    PINNED = "pinned"  # the cookie names this machine: served
+    STAMPED = "stamped"  # no valid cookie: served, cookie set to this machine
+    REPLAYED = "replayed"  # the cookie names another machine: fly-replay there
+    REPINNED = "repinned"  # arrived by replay/failover: served, cookie moved here
+    OFF_PIN = "off_pin"  # body Fly cannot replay: served here, cookie kept
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The verdict on one request, as handlers see it (Sanic ``request.ctx.flysticky``,
+    Quart ``g.flysticky``).
+
+    ``set_cookie`` and ``replay`` are complete header values for the adapter to send.
+    """
+
+    outcome: Outcome
+    machine_id: str
+    pinned_to: str | None = None
+    set_cookie: str | None = None
+    replay: str | None = None
+    arrived_by: str | None = None
+
+    @property
+    def serve(self) -> bool:
+        """False only when the request must be answered with fly-replay."""
+        return self.replay is None
+
+
+def machine_id_from_env(environ: Callable[[str], str | None] = os.environ.get) -> str | None:
+    """This machine's id from ``FLY_MACHINE_ID``; None off Fly or when it is malformed."""
+    value = environ("FLY_MACHINE_ID")
+    if not value:
+        return None
+    if not is_machine_id(value):
+        log.warning(
+            "FLY_MACHINE_ID=%r is not a machine id (1-64 of A-Z a-z 0-9 - _); flysticky stays off",
+            value,
+        )
+        return None
+    return value
+
+
+def private_cache_control(existing: str | None) -> str:
+    """Cache-Control for a response that sets the cookie: no shared cache may keep it
+    (HAProxy's ``nocache``), or one user's pin would be served to everyone."""
+    if not existing:
+        return "private"
+    kept = [
+        d.strip()
+        for d in existing.split(",")
+        if d.strip() and d.strip().split("=")[0].lower() not in ("public", "s-maxage")
+    ]
+    if not any(d.lower() in ("private", "no-store") for d in kept):
+        kept.insert(0, "private")
+    return ", ".join(kept)
+
+
+def apply_stamp(decision: Decision, headers: ResponseHeaders) -> None:
+    """Add the decision's Set-Cookie, if any, to a response that is being served."""
+    if decision.set_cookie is not None:
+        headers.add("set-cookie", decision.set_cookie)
+        headers["cache-control"] = private_cache_control(headers.get("cache-control"))
+
+
+def _is_https(headers: HeaderLookup) -> bool:
+    proto = headers.get("x-forwarded-proto")
+    return proto is not None and proto.split(",", 1)[0].strip().lower() == "https"
+
+
+def _body_replayable(headers: HeaderLookup) -> bool:
+    length = headers.get("content-length")
+    if length is None:
+        # HTTP/1.1: no Content-Length and no Transfer-Encoding means no body at all;
+        # a chunked body has no length Fly can check, so it cannot be replayed.
+        return headers.get("transfer-encoding") is None
+    length = length.strip()
+    return length.isascii() and length.isdigit() and int(length) <= REPLAY_BODY_LIMIT
+
+
+class Decider:
+    """StickyConfig compiled for one machine: everything per-request is precomputed."""
+
+    def __init__(self, config: StickyConfig, machine_id: str) -> None:
+        if not is_machine_id(machine_id):
+            raise ValueError(
+                f"machine_id={machine_id!r} is not allowed: 1 to 64 of A-Z a-z 0-9 - _"
+            )
+        self.config = config
+        self.machine_id = machine_id
+        self._skipper = config.skipper
+        self._name_eq = config.cookie_name + "="
+        self._replay_field = config.replay_mode + "="
+        attributes = ""
+        if config.max_age_seconds is not None:
+            attributes += f"; Max-Age={config.max_age_seconds}"
+        attributes += f"; Path={config.path}"
+        if config.domain is not None:
+            attributes += f"; Domain={config.domain}"
+        if config.http_only:
+            attributes += "; HttpOnly"
+        attributes += f"; SameSite={config.same_site}"
+        stamp = f"{config.cookie_name}={machine_id}{attributes}"
+        self._stamp_plain = stamp
+        self._stamp_secure = stamp + "; Secure"
+        self._pinned = Decision(Outcome.PINNED, machine_id, machine_id)
+        self._skipped = Decision(Outcome.SKIPPED, machine_id)
+
+    def read_pin(self, cookie_header: str) -> str | None:
+        """The first valid value of our cookie in a raw ``Cookie`` header.
+
+        Scanning the raw header for one name is far cheaper than parsing the whole
+        cookie jar, and the pinned path (value == this machine) skips the grammar check.
+        """
+        name_eq = self._name_eq
+        start = 0
+        while (i := cookie_header.find(name_eq, start)) >= 0:
+            start = i + 1
+            if i and cookie_header[:i].rstrip(" \t")[-1:] not in ("", ";"):
+                continue  # the name is the tail of another cookie's name or value
+            end = cookie_header.find(";", i)
+            value = cookie_header[i + len(name_eq) : end if end >= 0 else None].strip(" \t")
+            if len(value) >= 2 and value[0] == '"' == value[-1]:
+                value = value[1:-1]
+            if value == self.machine_id or _MACHINE_ID.fullmatch(value):
+                return value
+        return None
+
+    def _set_cookie(self, headers: HeaderLookup, is_websocket: bool) -> str | None:
+        # A websocket handshake is answered by the server's upgrade machinery, not
+        # by a response flysticky can add to; the page that opened it sets the pin.
+        if is_websocket:
+            return None
+        secure = self.config.secure
+        if secure is None:
+            secure = _is_https(headers)
+        return self._stamp_secure if secure else self._stamp_plain
+
+    def decide(
+        self,
+        request: Any,
+        cookie_header: str | None,
+        headers: HeaderLookup,
+        is_websocket: bool = False,
+    ) -> Decision:
+        """Decide one request. ``request`` is only handed to the skipper."""
+        if self._skipper is not None and self._skipper(request):
+            return self._skipped
+        pin = self.read_pin(cookie_header) if cookie_header else None
+        if pin == self.machine_id:
+            return self._pinned
+        if pin is None:
+            decision = Decision(
+                Outcome.STAMPED, self.machine_id, None, self._set_cookie(headers, is_websocket)
+            )
+            log.debug(
+                "stamped: no valid %s cookie, pinned to %s",
+                self.config.cookie_name,
+                self.machine_id,
+            )
+            return decision
+        for name in ARRIVAL_HEADERS:
+            if headers.get(name) is not None:
+                # Replaying again could loop; and when the pinned machine is gone,
+                # prefer_instance lands the request here: heal the session.
+                log.info(
+                    "repinned: session pinned to %s arrived here (%s) by %s; re-pinned to %s",
+                    pin,
+                    self.machine_id,
+                    name,
+                    self.machine_id,
+                )
+                return Decision(
+                    Outcome.REPINNED,
+                    self.machine_id,
+                    pin,
+                    self._set_cookie(headers, is_websocket),
+                    arrived_by=name,
+                )
+        if not _body_replayable(headers):
+            log.debug("off_pin: body too big or of unknown length to replay to %s", pin)
+            return Decision(Outcome.OFF_PIN, self.machine_id, pin)
+        log.debug("replayed: session pinned to %s", pin)
+        return Decision(Outcome.REPLAYED, self.machine_id, pin, replay=self._replay_field + pin)

@@ -1,0 +1,132 @@
+"""Sanic plugin: ``StickySessions(app)``.
+
+Any Sanic middleware takes every request off Sanic's fastest path, so the pinned
+path does not use it. At server start each route handler is wrapped to decide
+first; only where the app already runs request middleware on a route (or for a
+request that matches no route) does flysticky add a request middleware, placed
+first, so that no app hook runs before a due replay.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from collections.abc import Callable
+from inspect import isawaitable
+from typing import Any
+
+from sanic import Request, Sanic
+from sanic.middleware import Middleware, MiddlewareLocation
+from sanic.response import BaseHTTPResponse, HTTPResponse
+
+from .config import StickyConfig
+from .core import (
+    REPLAY_HEADER,
+    REPLAY_STATUS,
+    Decider,
+    Decision,
+    apply_stamp,
+    log,
+    machine_id_from_env,
+)
+
+__all__ = ["StickySessions", "current_decision"]
+
+_WRAPPED = "__flysticky_wrapped__"
+
+
+def current_decision(request: Request) -> Decision | None:
+    """The decision flysticky made for ``request``; None off Fly."""
+    return getattr(request.ctx, "flysticky", None)
+
+
+def _replay_response(replay: str) -> HTTPResponse:
+    # An explicit content type: left unset, Sanic's ASGI path sends "content-type: None".
+    return HTTPResponse(
+        b"", REPLAY_STATUS, {REPLAY_HEADER: replay}, content_type="text/plain; charset=utf-8"
+    )
+
+
+class StickySessions:
+    """Pins each session to the Fly machine that first served it."""
+
+    def __init__(
+        self, app: Sanic[Any, Any] | None = None, config: StickyConfig | None = None
+    ) -> None:
+        self.config = config if config is not None else StickyConfig()
+        self._decider: Decider | None = None
+        self._middleware = Middleware(self._request_middleware, MiddlewareLocation.REQUEST)
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Sanic[Any, Any]) -> None:
+        if getattr(app.ctx, "flysticky", None) is not None:
+            raise RuntimeError(f"flysticky is already installed on Sanic app {app.name!r}")
+        app.ctx.flysticky = self
+        app.register_listener(self._wire, "before_server_start")
+
+    def _decide(self, decider: Decider, request: Request, is_websocket: bool) -> Decision:
+        headers = request.headers
+        decision = decider.decide(request, headers.get("cookie"), headers, is_websocket)
+        request.ctx.flysticky = decision
+        return decision
+
+    async def _request_middleware(self, request: Request) -> HTTPResponse | None:
+        decider = self._decider
+        if decider is None or current_decision(request) is not None:
+            return None
+        handler = request.route.handler if request.route is not None else None
+        decision = self._decide(decider, request, hasattr(handler, "is_websocket"))
+        return None if decision.replay is None else _replay_response(decision.replay)
+
+    def _wrap(self, handler: Callable[..., Any]) -> Callable[..., Any]:
+        if hasattr(handler, _WRAPPED):
+            return handler
+        is_websocket = hasattr(handler, "is_websocket")
+
+        @functools.wraps(handler)
+        async def sticky_handler(request: Request, *args: Any, **kwargs: Any) -> Any:
+            decider = self._decider
+            if decider is None:
+                response = handler(request, *args, **kwargs)
+                return await response if isawaitable(response) else response
+            decision: Decision | None = getattr(request.ctx, "flysticky", None)
+            if decision is None:
+                decision = self._decide(decider, request, is_websocket)
+                if decision.replay is not None:
+                    return _replay_response(decision.replay)
+            response = handler(request, *args, **kwargs)
+            if isawaitable(response):
+                response = await response
+            if decision.set_cookie is not None and isinstance(response, BaseHTTPResponse):
+                apply_stamp(decision, response.headers)
+            return response
+
+        setattr(sticky_handler, _WRAPPED, handler)
+        return sticky_handler
+
+    def _place_middleware(self, chain: deque[Any], wanted: bool) -> None:
+        while self._middleware in chain:
+            chain.remove(self._middleware)
+        if wanted:
+            chain.appendleft(self._middleware)
+
+    def _wire(self, app: Sanic[Any, Any]) -> None:
+        # Runs at every server start (sanic-testing's ASGI client starts the app for
+        # each request), after Sanic has finalized routes and middleware.
+        machine_id = machine_id_from_env()
+        self._decider = Decider(self.config, machine_id) if machine_id else None
+        on_fly = self._decider is not None
+        for route in app.router.routes:
+            if on_fly:
+                route.handler = self._wrap(route.handler)
+            chain = route.extra.request_middleware
+            app_hooks = any(m is not self._middleware for m in chain)
+            self._place_middleware(chain, on_fly and app_hooks)
+        # Used only for requests that match no route and errors raised before routing
+        # finished; the pinned path never sees it.
+        self._place_middleware(app.request_middleware, on_fly)
+        if on_fly:
+            log.debug("flysticky on for Sanic app %s as machine %s", app.name, machine_id)
+        else:
+            log.debug("FLY_MACHINE_ID unset: flysticky does nothing on Sanic app %s", app.name)
