@@ -1,0 +1,193 @@
+"""One app, built on either framework, driven through the framework's own test client.
+
+The conformance suite runs every rule against both adapters through this harness, so
+a rule that holds for one framework and not the other fails a test.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from flysticky import StickyConfig
+
+MACHINE = "90801679a10038"
+OTHER = "148ed193b04d89"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    ran: list[str] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        values = self.all(name)
+        return values[0] if values else None
+
+    def all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    @property
+    def decision(self) -> dict[str, Any]:
+        return json.loads(self.body)  # type: ignore[no-any-return]
+
+
+class Harness(Protocol):
+    framework: str
+    ran: list[str]
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> Reply: ...
+
+
+def _decision_json(decision: Any) -> dict[str, Any]:
+    if decision is None:
+        return {"outcome": None}
+    return {
+        "outcome": decision.outcome.value,
+        "machine_id": decision.machine_id,
+        "pinned_to": decision.pinned_to,
+        "arrived_by": decision.arrived_by,
+    }
+
+
+class SanicHarness:
+    framework = "sanic"
+
+    def __init__(self, config: StickyConfig | None) -> None:
+        from sanic import Sanic, json as sjson, text
+        from sanic_testing.testing import SanicASGITestClient
+
+        from flysticky.sanic import StickySessions, current_decision
+
+        self.ran: list[str] = []
+        app: Sanic[Any, Any] = Sanic(f"conf_{uuid.uuid4().hex[:8]}")
+        app.config.REQUEST_MAX_SIZE = 8 * 1024 * 1024
+
+        @app.on_request
+        async def app_hook(request: Any) -> None:
+            self.ran.append("hook")
+
+        @app.route("/", methods=["GET", "POST"])
+        async def index(request: Any) -> Any:
+            self.ran.append("handler")
+            return sjson(_decision_json(current_decision(request)))
+
+        @app.get("/health")
+        async def health(request: Any) -> Any:
+            self.ran.append("handler")
+            return sjson(_decision_json(current_decision(request)))
+
+        @app.get("/cached")
+        async def cached(request: Any) -> Any:
+            self.ran.append("handler")
+            return text("x", headers={"cache-control": "public, max-age=60"})
+
+        StickySessions(app, config)
+        self.client = SanicASGITestClient(app)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> Reply:
+        self.ran.clear()
+        # Latin-1 bytes, so that a header can carry any octet, as on the wire.
+        raw = {k: v.encode("latin-1") for k, v in (headers or {}).items()}
+        _, response = await self.client.request(
+            method, path, headers=raw, content=body, gather_request=False
+        )
+        return Reply(
+            response.status_code,
+            list(response.headers.multi_items()),
+            response.content,
+            list(self.ran),
+        )
+
+
+class QuartHarness:
+    framework = "quart"
+
+    def __init__(self, config: StickyConfig | None) -> None:
+        from quart import Blueprint, Quart, jsonify
+
+        from flysticky.quart import StickySessions, current_decision
+
+        self.ran: list[str] = []
+        app = Quart(f"conf_{uuid.uuid4().hex[:8]}")
+        app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
+
+        @app.before_request
+        async def app_hook() -> None:
+            self.ran.append("hook")
+
+        @app.route("/", methods=["GET", "POST"])
+        async def index() -> Any:
+            self.ran.append("handler")
+            return jsonify(_decision_json(current_decision()))
+
+        @app.get("/health")
+        async def health() -> Any:
+            self.ran.append("handler")
+            return jsonify(_decision_json(current_decision()))
+
+        @app.get("/cached")
+        async def cached() -> Any:
+            self.ran.append("handler")
+            return "x", 200, {"cache-control": "public, max-age=60"}
+
+        blueprint = Blueprint("bp", __name__)
+
+        @blueprint.before_request
+        async def blueprint_hook() -> None:
+            self.ran.append("hook")
+
+        @blueprint.get("/bp")
+        async def in_blueprint() -> Any:
+            self.ran.append("handler")
+            return jsonify(_decision_json(current_decision()))
+
+        app.register_blueprint(blueprint)
+        StickySessions(app, config)
+        self.client = app.test_client()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> Reply:
+        self.ran.clear()
+        headers = dict(headers or {})
+        if body is not None:
+            # Quart's test client sends no Content-Length; every real HTTP/1.1 client does.
+            headers.setdefault("content-length", str(len(body)))
+        response = await self.client.open(path, method=method, headers=headers, data=body)
+        return Reply(
+            response.status_code,
+            list(response.headers.items()),
+            await response.get_data(),
+            list(self.ran),
+        )
+
+
+HARNESSES = {"sanic": SanicHarness, "quart": QuartHarness}
+
+
+def all_header_text(reply: Reply) -> Iterable[str]:
+    for name, value in reply.headers:
+        yield name
+        yield value
