@@ -65,7 +65,8 @@ class SanicHarness:
     framework = "sanic"
 
     def __init__(self, config: StickyConfig | None) -> None:
-        from sanic import Sanic, json as sjson, text
+        from sanic import Sanic, text
+        from sanic import json as sjson
         from sanic_testing.testing import SanicASGITestClient
 
         from flysticky.sanic import StickySessions, current_decision
