@@ -28,7 +28,8 @@ REPLAY_BODY_LIMIT = 1024 * 1024
 #: Replays one request may go through before the proxy gives up (a loop).
 MAX_REPLAYS = 10
 ADMIN_PREFIX = "/.fly-emulator"
-BODY = "flysticky.body"  # where the buffered request body is kept, for replays
+BODY = web.RequestKey("flysticky.body", bytes)  # the buffered request body, for replays
+HOPS = web.RequestKey("flysticky.hops", int)
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -313,8 +314,8 @@ class Emulator:
             raise ProxyError(
                 502, "body_too_large", "the request body is over 1 MiB and cannot be replayed"
             )
-        hops = request.get("hops", 0) + 1
-        request["hops"] = hops
+        hops = request.get(HOPS, 0) + 1
+        request[HOPS] = hops
         if hops > MAX_REPLAYS:
             raise ProxyError(502, "replay_loop", f"more than {MAX_REPLAYS} replays: a replay loop")
         target, unavailable = self._replay_target(replay, origin)
