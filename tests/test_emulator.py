@@ -132,7 +132,7 @@ async def test_regions_lists_aliases_and_elsewhere() -> None:
 
 async def test_app_field_and_bad_replays() -> None:
     async with running(machines=1) as (_, client):
-        status, echo = await get_json(client, "/replay?h=app=sticky-test")
+        status, _echo = await get_json(client, "/replay?h=app=sticky-test")
         assert status == 200
         status, body = await get_json(client, "/replay?h=app=internal-admin")
         assert (status, body["error"]) == (502, "no_candidate")
@@ -305,7 +305,7 @@ async def test_path_replay_cache_and_invalidate() -> None:
 
 
 async def test_admin_kill_restart_add_and_counters() -> None:
-    async with running(machines=2) as (emulator, client):
+    async with running(machines=2) as (_emulator, client):
         status, machines = await get_json(client, ADMIN_PREFIX + "/machines")
         assert status == 200 and len(machines) == 2
         victim = machines[0]["id"]
@@ -350,7 +350,7 @@ async def test_port_in_use_is_a_clear_error() -> None:
 
 
 async def test_concurrent_requests_spread_and_complete() -> None:
-    async with running() as (emulator, client):
+    async with running() as (_emulator, client):
         results = await asyncio.gather(*(get_json(client, "/echo") for _ in range(60)))
         assert all(status == 200 for status, _ in results)
         assert len({echo["machine"] for _, echo in results}) == 3
