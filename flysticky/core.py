@@ -122,6 +122,14 @@ def private_cache_control(existing: str | None) -> str:
     return ", ".join(kept)
 
 
+def join_cookie_headers(values: list[str] | None) -> str | None:
+    """One Cookie header from however many arrived (HTTP/2 and some test clients split
+    cookies over several; RFC 9113 8.2.3 joins them with "; ")."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else "; ".join(values)
+
+
 def apply_stamp(decision: Decision, headers: ResponseHeaders) -> None:
     """Add the decision's Set-Cookie, if any, to a response that is being served."""
     if decision.set_cookie is not None:

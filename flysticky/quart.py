@@ -12,6 +12,7 @@ import os
 from typing import Any, cast
 
 from quart import Quart, Response, after_this_request, g, request, websocket
+from werkzeug.datastructures import Headers
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from .config import StickyConfig
@@ -20,8 +21,8 @@ from .core import (
     REPLAY_STATUS,
     Decider,
     Decision,
-    HeaderLookup,
     apply_stamp,
+    join_cookie_headers,
     log,
     machine_id_from_env,
 )
@@ -62,11 +63,12 @@ class StickySessions:
             log.debug("flysticky for Quart: machine %s", machine_id)
         return self._decider
 
-    def _decide(self, target: Any, headers: HeaderLookup, is_websocket: bool) -> Response | None:
+    def _decide(self, target: Any, headers: Headers, is_websocket: bool) -> Response | None:
         decider = self._current_decider()
         if decider is None:
             return None
-        decision = decider.decide(target, headers.get("cookie"), headers, is_websocket)
+        cookie = join_cookie_headers(headers.getlist("cookie"))
+        decision = decider.decide(target, cookie, headers, is_websocket)
         g.flysticky = decision
         if decision.replay is not None:
             return Response(b"", REPLAY_STATUS, {REPLAY_HEADER: decision.replay})

@@ -26,6 +26,7 @@ from .core import (
     Decider,
     Decision,
     apply_stamp,
+    join_cookie_headers,
     log,
     machine_id_from_env,
 )
@@ -67,7 +68,8 @@ class StickySessions:
 
     def _decide(self, decider: Decider, request: Request, is_websocket: bool) -> Decision:
         headers = request.headers
-        decision = decider.decide(request, headers.get("cookie"), headers, is_websocket)
+        cookie = join_cookie_headers(headers.getall("cookie", None))
+        decision = decider.decide(request, cookie, headers, is_websocket)
         request.ctx.flysticky = decision
         return decision
 

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 from flysticky import StickyConfig
 
+#: A dict, or (name, value) pairs when a header repeats.
+Headers = dict[str, str] | list[tuple[str, str]]
 MACHINE = "90801679a10038"
 OTHER = "148ed193b04d89"
 
@@ -45,9 +47,15 @@ class Harness(Protocol):
         self,
         method: str,
         path: str,
-        headers: dict[str, str] | None = None,
+        headers: Headers | None = None,
         body: bytes | None = None,
     ) -> Reply: ...
+
+
+def _pairs(headers: Headers | None) -> list[tuple[str, str]]:
+    if headers is None:
+        return []
+    return list(headers.items()) if isinstance(headers, dict) else list(headers)
 
 
 def _decision_json(decision: Any) -> dict[str, Any]:
@@ -101,12 +109,12 @@ class SanicHarness:
         self,
         method: str,
         path: str,
-        headers: dict[str, str] | None = None,
+        headers: Headers | None = None,
         body: bytes | None = None,
     ) -> Reply:
         self.ran.clear()
         # Latin-1 bytes, so that a header can carry any octet, as on the wire.
-        raw = {k: v.encode("latin-1") for k, v in (headers or {}).items()}
+        raw = [(k, v.encode("latin-1")) for k, v in _pairs(headers)]
         _, response = await self.client.request(
             method, path, headers=raw, content=body, gather_request=False
         )
@@ -168,15 +176,17 @@ class QuartHarness:
         self,
         method: str,
         path: str,
-        headers: dict[str, str] | None = None,
+        headers: Headers | None = None,
         body: bytes | None = None,
     ) -> Reply:
+        from werkzeug.datastructures import Headers as WerkzeugHeaders
+
         self.ran.clear()
-        headers = dict(headers or {})
-        if body is not None:
+        sent = WerkzeugHeaders(_pairs(headers))
+        if body is not None and "content-length" not in sent:
             # Quart's test client sends no Content-Length; every real HTTP/1.1 client does.
-            headers.setdefault("content-length", str(len(body)))
-        response = await self.client.open(path, method=method, headers=headers, data=body)
+            sent["content-length"] = str(len(body))
+        response = await self.client.open(path, method=method, headers=sent, data=body)
         return Reply(
             response.status_code,
             list(response.headers.items()),

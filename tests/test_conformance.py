@@ -169,6 +169,13 @@ async def test_cookie_is_found_among_others(make: MakeHarness, header: str) -> N
     assert reply.header("fly-replay") == f"prefer_instance={OTHER}"
 
 
+async def test_cookie_split_over_several_headers_is_found(make: MakeHarness) -> None:
+    # HTTP/2 clients, and Quart's test client, send one Cookie header per cookie.
+    headers = [("cookie", "session=1"), ("cookie", f"fly-machine-id={OTHER}")]
+    reply = await make().request("GET", "/", headers)
+    assert reply.header("fly-replay") == f"prefer_instance={OTHER}"
+
+
 @pytest.mark.parametrize(
     "header",
     [f"xfly-machine-id={OTHER}", f"other=fly-machine-id={OTHER}", f"fly-machine-idx={OTHER}"],
