@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 import time
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 
 class FlyTomlError(ValueError):

@@ -455,7 +455,7 @@ class Emulator:
                 allow_redirects=False,
                 timeout=timeout,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Timeout() from None
         is_replay = "fly-replay" in upstream.headers or upstream.headers.get(
             "content-type", ""

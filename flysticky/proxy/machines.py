@@ -210,7 +210,7 @@ class Fleet:
             os.killpg(process.pid, signal.SIGKILL if hard else signal.SIGTERM)
         try:
             await asyncio.wait_for(process.wait(), 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
