@@ -129,11 +129,3 @@ class ReplayCache:
 
     def forget_path(self, pattern: str) -> None:
         self._paths.pop(pattern, None)
-
-    def forget_machine(self, machine_id: str) -> None:
-        for key, (target, _) in list(self._sessions.items()):
-            if target == machine_id:
-                del self._sessions[key]
-        for pattern, (target, _) in list(self._paths.items()):
-            if target == machine_id:
-                del self._paths[pattern]

@@ -559,8 +559,6 @@ class Emulator:
         if action not in actions:
             return web.json_response({"error": f"actions: {sorted(actions)}"}, status=404)
         await actions[action](machine)
-        if action == "destroy":
-            self.cache.forget_machine(machine.id)
         return web.json_response({"id": machine.id, "state": machine.state})
 
 
