@@ -270,7 +270,9 @@ def _table(emulator: Any) -> str:
             )
         )
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
+    )
 
 
 def _summary(emulator: Any) -> str:

@@ -1,0 +1,78 @@
+"""The app the end-to-end tests run on each machine; framework and mode come from the env.
+
+STICKY_FRAMEWORK=sanic|quart, STICKY_MODE=prefer_instance|instance.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flysticky import StickyConfig
+
+MACHINE = os.environ["FLY_MACHINE_ID"]
+CONFIG = StickyConfig(
+    replay_mode=os.environ.get("STICKY_MODE", "prefer_instance"),  # type: ignore[arg-type]
+    skipper=lambda request: request.path == "/health",
+)
+
+
+def whoami(decision: Any, header: Any) -> dict[str, Any]:
+    return {
+        "machine": MACHINE,
+        "outcome": decision.outcome.value if decision else None,
+        "arrived_by": decision.arrived_by if decision else None,
+        "cache": header("fly-replay-cache-status"),
+        "replay_src": header("fly-replay-src"),
+    }
+
+
+app: Any
+if os.environ["STICKY_FRAMEWORK"] == "sanic":
+    from sanic import Request, Sanic, Websocket, json
+
+    from flysticky.sanic import StickySessions, current_decision
+
+    app = Sanic("sticky_e2e")
+    app.config.REQUEST_MAX_SIZE = 16 * 1024 * 1024
+    StickySessions(app, CONFIG)
+
+    @app.get("/whoami")
+    async def sanic_whoami(request: Request) -> Any:
+        return json(whoami(current_decision(request), request.headers.get))
+
+    @app.post("/upload")
+    async def sanic_upload(request: Request) -> Any:
+        body = whoami(current_decision(request), request.headers.get)
+        return json({**body, "bytes": len(request.body)})
+
+    @app.websocket("/ws")
+    async def sanic_ws(request: Request, ws: Websocket) -> None:
+        await ws.send(MACHINE)
+        async for message in ws:
+            await ws.send(f"{MACHINE}:{message}")
+
+else:
+    from quart import Quart, jsonify, request, websocket
+
+    from flysticky.quart import StickySessions as QuartSticky
+    from flysticky.quart import current_decision as quart_decision
+
+    app = Quart("sticky_e2e")
+    app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
+    QuartSticky(app, CONFIG)
+
+    @app.get("/whoami")
+    async def quart_whoami() -> Any:
+        return jsonify(whoami(quart_decision(), request.headers.get))
+
+    @app.post("/upload")
+    async def quart_upload() -> Any:
+        body = await request.get_data()
+        return jsonify({**whoami(quart_decision(), request.headers.get), "bytes": len(body)})
+
+    @app.websocket("/ws")
+    async def quart_ws() -> None:
+        await websocket.send(MACHINE)
+        while True:
+            await websocket.send(f"{MACHINE}:{await websocket.receive()}")
