@@ -28,11 +28,11 @@ REPLAY_HEADER = "fly-replay"
 #: Request headers Fly's proxy adds to a request it delivers by replay, by a
 #: replay-cache hit, to a substitute for an unavailable preferred machine, or by
 #: a fallback. Such a request is never replayed again.
-ARRIVAL_HEADERS = (
-    "fly-replay-src",
-    "fly-replay-cache-status",
+ARRIVAL_HEADERS = (  # failover signals first: they say the most about why
     "fly-preferred-instance-unavailable",
     "fly-replay-failed",
+    "fly-replay-src",
+    "fly-replay-cache-status",
 )
 
 # Real machine ids are 14 lowercase hex digits; echofly's tests use ids such as
