@@ -41,9 +41,27 @@ def current_decision(request: Request) -> Decision | None:
     return getattr(request.ctx, "flysticky", None)
 
 
-def _replay_response(replay: str) -> HTTPResponse:
+class _AsgiWebsocketReplay(HTTPResponse):
+    """Under an ASGI server Sanic cannot answer a websocket handshake with an HTTP
+    response; the ASGI websocket denial response carries the 307 instead."""
+
+    async def send(self, data: Any = None, end_stream: bool | None = None) -> None:
+        transport: Any = self.stream.transport  # type: ignore[union-attr]
+        if "websocket.http.response" not in transport.scope.get("extensions", {}):
+            log.warning("this ASGI server cannot send a fly-replay for a websocket; closing")
+            await transport.send({"type": "websocket.close", "code": 1013})
+            return
+        headers = [(name.encode(), value.encode()) for name, value in self.headers.items()]
+        await transport.send(
+            {"type": "websocket.http.response.start", "status": self.status, "headers": headers}
+        )
+        await transport.send({"type": "websocket.http.response.body", "body": b""})
+
+
+def _replay_response(request: Request, replay: str, is_websocket: bool) -> HTTPResponse:
+    kind = _AsgiWebsocketReplay if is_websocket and request.app.asgi else HTTPResponse
     # An explicit content type: left unset, Sanic's ASGI path sends "content-type: None".
-    return HTTPResponse(
+    return kind(
         b"", REPLAY_STATUS, {REPLAY_HEADER: replay}, content_type="text/plain; charset=utf-8"
     )
 
@@ -78,8 +96,11 @@ class StickySessions:
         if decider is None or current_decision(request) is not None:
             return None
         handler = request.route.handler if request.route is not None else None
-        decision = self._decide(decider, request, hasattr(handler, "is_websocket"))
-        return None if decision.replay is None else _replay_response(decision.replay)
+        is_websocket = hasattr(handler, "is_websocket")
+        decision = self._decide(decider, request, is_websocket)
+        if decision.replay is None:
+            return None
+        return _replay_response(request, decision.replay, is_websocket)
 
     def _wrap(self, handler: Callable[..., Any]) -> Callable[..., Any]:
         if hasattr(handler, _WRAPPED):
@@ -96,7 +117,7 @@ class StickySessions:
             if decision is None:
                 decision = self._decide(decider, request, is_websocket)
                 if decision.replay is not None:
-                    return _replay_response(decision.replay)
+                    return _replay_response(request, decision.replay, is_websocket)
             response = handler(request, *args, **kwargs)
             if isawaitable(response):
                 response = await response

@@ -68,7 +68,10 @@ async def upload(request: Request) -> HTTPResponse:
 @app.websocket("/ws")
 async def feed(request: Request, ws: Websocket) -> None:
     await ws.send(page.hello())
-    async for message in ws:
+    while True:  # ws.recv(), not async for: under ASGI Sanic's websocket is not iterable
+        message = await ws.recv()
+        if message is None:
+            return
         await ws.send(page.pong(message))
 
 

@@ -1,6 +1,7 @@
 """The app the end-to-end tests run on each machine; framework and mode come from the env.
 
-STICKY_FRAMEWORK=sanic|quart, STICKY_MODE=prefer_instance|instance.
+STICKY_FRAMEWORK=sanic|quart, STICKY_MODE=prefer_instance|instance, STICKY_APP_HOOK=1
+adds an app request hook (Sanic).
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ if os.environ["STICKY_FRAMEWORK"] == "sanic":
     app.config.REQUEST_MAX_SIZE = 16 * 1024 * 1024
     StickySessions(app, CONFIG)
 
+    if os.environ.get("STICKY_APP_HOOK"):
+        # An app request hook puts flysticky's decision in a request middleware
+        # (placed first) instead of the wrapped handler: both paths get tested.
+        @app.on_request
+        async def app_hook(request: Request) -> None:
+            request.ctx.hook_ran = True
+
     @app.get("/whoami")
     async def sanic_whoami(request: Request) -> Any:
         return json(whoami(current_decision(request), request.headers.get))
@@ -49,8 +57,8 @@ if os.environ["STICKY_FRAMEWORK"] == "sanic":
     @app.websocket("/ws")
     async def sanic_ws(request: Request, ws: Websocket) -> None:
         await ws.send(MACHINE)
-        async for message in ws:
-            await ws.send(f"{MACHINE}:{message}")
+        while True:  # ws.recv(): under ASGI Sanic's websocket is not async-iterable
+            await ws.send(f"{MACHINE}:{await ws.recv()}")
 
 else:
     from quart import Quart, jsonify, request, websocket
