@@ -137,7 +137,8 @@ def _new(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     except FailedHookException:
         return 1  # the hook has said what was wrong
-    except CookiecutterException as error:
+    except (CookiecutterException, ValueError) as error:
+        # ValueError: cookiecutter's own refusal of a value outside a choice list.
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"created {path}")

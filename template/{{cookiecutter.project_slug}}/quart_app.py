@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 
+from flysticky import StickyConfig
+from flysticky.quart import StickySessions, current_decision
 from quart import Quart, Response, jsonify, request, websocket
 
 import page
-from flysticky import StickyConfig
-from flysticky.quart import StickySessions, current_decision
 
 app = Quart(__name__)
 app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
@@ -51,7 +51,8 @@ async def health() -> str:
 @app.get("/")
 async def index() -> Response:
     info, session = visit()
-    return with_session(Response(page.render(info), content_type="text/html; charset=utf-8"), session)
+    response = Response(page.render(info), content_type="text/html; charset=utf-8")
+    return with_session(response, session)
 
 
 @app.get("/api/visit")

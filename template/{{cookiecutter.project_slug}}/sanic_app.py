@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 
+from flysticky import StickyConfig
+from flysticky.sanic import StickySessions, current_decision
 from sanic import Request, Sanic, Websocket, html, json, text
 from sanic.response import HTTPResponse
 
 import page
-from flysticky import StickyConfig
-from flysticky.sanic import StickySessions, current_decision
 
 app = Sanic("{{ cookiecutter.project_slug }}")
 app.config.REQUEST_MAX_SIZE = 16 * 1024 * 1024
