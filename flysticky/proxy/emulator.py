@@ -138,6 +138,7 @@ class Emulator:
         self._rotation = itertools.count()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
+        self._ready = asyncio.Event()  # requests that arrive during start-up wait for it
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, machines: int) -> None:
@@ -169,6 +170,7 @@ class Emulator:
         except BaseException:
             await self.close()
             raise
+        self._ready.set()
 
     async def close(self) -> None:
         await self.fleet.close()
@@ -418,6 +420,8 @@ class Emulator:
 
     # ------------------------------------------------------------------ HTTP
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if not self._ready.is_set():
+            await self._ready.wait()
         try:
             if request.headers.get("upgrade", "").lower() == "websocket":
                 return await self._route(request, lambda d: self._send_websocket(request, d))

@@ -49,7 +49,7 @@ class Machine:
     region: str
     port: int
     process: asyncio.subprocess.Process | None = None
-    state: str = "created"  # created | started | stopped | destroyed
+    state: str = "created"  # created | starting | started | stopped | destroyed
     counters: Counters = field(default_factory=Counters)
     output: deque[str] = field(default_factory=lambda: deque(maxlen=200))
     _pump: asyncio.Task[None] | None = None
@@ -155,9 +155,10 @@ class Fleet:
         except OSError as error:
             machine.state = "stopped"
             raise MachineError(f"cannot run {self.command[0]!r}: {error.strerror}") from None
-        machine.state = "started"
+        machine.state = "starting"  # not given traffic until it listens
         machine._pump = asyncio.create_task(self._read_output(machine))
         await self._wait_ready(machine)
+        machine.state = "started"
 
     async def _read_output(self, machine: Machine) -> None:
         process = machine.process
@@ -202,7 +203,7 @@ class Fleet:
     async def stop(self, machine: Machine, *, hard: bool = False) -> None:
         """Stop the machine's process group: SIGTERM (or SIGKILL when ``hard``), then wait."""
         process = machine.process
-        if machine.state == "started":
+        if machine.state in ("starting", "started"):
             machine.state = "stopped"
         if process is None or process.returncode is not None:
             return
