@@ -137,6 +137,19 @@ def apply_stamp(decision: Decision, headers: ResponseHeaders) -> None:
         headers["cache-control"] = private_cache_control(headers.get("cache-control"))
 
 
+def _at_cookie_start(header: str, i: int) -> bool:
+    """Whether position ``i`` (> 0) of a Cookie header starts a cookie name, rather
+    than falling inside another cookie's name or value."""
+    before = header[i - 1]
+    if before == ";":
+        return True
+    if before not in " \t":
+        return False
+    if i == 1 or header[i - 2] == ";":  # the usual "; " separator
+        return True
+    return header[:i].rstrip(" \t")[-1:] in ("", ";")
+
+
 def _is_https(headers: HeaderLookup) -> bool:
     proto = headers.get("x-forwarded-proto")
     return proto is not None and proto.split(",", 1)[0].strip().lower() == "https"
@@ -152,8 +165,14 @@ def _body_replayable(headers: HeaderLookup) -> bool:
     return length.isascii() and length.isdigit() and int(length) <= REPLAY_BODY_LIMIT
 
 
+#: Replay decisions are kept per target machine; ids are attacker-chosen, so the
+#: table is bounded (real fleets have a handful of machines).
+_REPLAY_CACHE_SIZE = 1024
+
+
 class Decider:
-    """StickyConfig compiled for one machine: everything per-request is precomputed."""
+    """StickyConfig compiled for one machine: every per-request value is precomputed,
+    and every decision that does not depend on the cookie's value is made once."""
 
     def __init__(self, config: StickyConfig, machine_id: str) -> None:
         if not is_machine_id(machine_id):
@@ -164,6 +183,7 @@ class Decider:
         self.machine_id = machine_id
         self._skipper = config.skipper
         self._name_eq = config.cookie_name + "="
+        self._pin_here = self._name_eq + machine_id
         self._replay_field = config.replay_mode + "="
         attributes = ""
         if config.max_age_seconds is not None:
@@ -174,30 +194,47 @@ class Decider:
         if config.http_only:
             attributes += "; HttpOnly"
         attributes += f"; SameSite={config.same_site}"
-        stamp = f"{config.cookie_name}={machine_id}{attributes}"
-        self._stamp_plain = stamp
-        self._stamp_secure = stamp + "; Secure"
+        self._stamp_plain = f"{config.cookie_name}={machine_id}{attributes}"
+        self._stamp_secure = self._stamp_plain + "; Secure"
         self._pinned = Decision(Outcome.PINNED, machine_id, machine_id)
         self._skipped = Decision(Outcome.SKIPPED, machine_id)
+        self._stamped_plain = Decision(Outcome.STAMPED, machine_id, None, self._stamp_plain)
+        self._stamped_secure = Decision(Outcome.STAMPED, machine_id, None, self._stamp_secure)
+        self._stamped_websocket = Decision(Outcome.STAMPED, machine_id)
+        self._replays: dict[str, Decision] = {}
+
+    def _names_this_machine(self, cookie_header: str) -> bool:
+        """Whether one of our cookies names this machine: the common case, in one find."""
+        i = cookie_header.find(self._pin_here)
+        if i < 0:
+            return False
+        end = i + len(self._pin_here)
+        return (i == 0 or _at_cookie_start(cookie_header, i)) and (
+            end == len(cookie_header) or cookie_header[end] in "; \t"
+        )
 
     def read_pin(self, cookie_header: str) -> str | None:
-        """The first valid value of our cookie in a raw ``Cookie`` header.
+        """The first value of our cookie that is a valid machine id, or None.
 
-        Scanning the raw header for one name is far cheaper than parsing the whole
-        cookie jar, and the pinned path (value == this machine) skips the grammar check.
+        One scan of the raw header for our cookie's name is far cheaper than parsing
+        the whole cookie jar; a value equal to this machine's id skips the grammar check.
         """
         name_eq = self._name_eq
-        start = 0
-        while (i := cookie_header.find(name_eq, start)) >= 0:
-            start = i + 1
-            if i and cookie_header[:i].rstrip(" \t")[-1:] not in ("", ";"):
-                continue  # the name is the tail of another cookie's name or value
-            end = cookie_header.find(";", i)
-            value = cookie_header[i + len(name_eq) : end if end >= 0 else None].strip(" \t")
-            if len(value) >= 2 and value[0] == '"' == value[-1]:
-                value = value[1:-1]
-            if value == self.machine_id or _MACHINE_ID.fullmatch(value):
-                return value
+        after = len(name_eq)
+        i = cookie_header.find(name_eq)
+        while i >= 0:
+            if i == 0 or _at_cookie_start(cookie_header, i):
+                end = cookie_header.find(";", i + after)
+                value = cookie_header[i + after : end] if end >= 0 else cookie_header[i + after :]
+                if value == self.machine_id:
+                    return value
+                if value and (value[0] in ' \t"' or value[-1] in ' \t"'):
+                    value = value.strip(" \t")
+                    if len(value) >= 2 and value[0] == '"' == value[-1]:
+                        value = value[1:-1]
+                if _MACHINE_ID.fullmatch(value):
+                    return value
+            i = cookie_header.find(name_eq, i + 1)
         return None
 
     def _set_cookie(self, headers: HeaderLookup, is_websocket: bool) -> str | None:
@@ -210,6 +247,23 @@ class Decider:
             secure = _is_https(headers)
         return self._stamp_secure if secure else self._stamp_plain
 
+    def _stamped(self, headers: HeaderLookup, is_websocket: bool) -> Decision:
+        stamp = self._set_cookie(headers, is_websocket)
+        if stamp is None:
+            return self._stamped_websocket
+        return self._stamped_secure if stamp is self._stamp_secure else self._stamped_plain
+
+    def _replay(self, pin: str) -> Decision:
+        decision = self._replays.get(pin)
+        if decision is None:
+            if len(self._replays) >= _REPLAY_CACHE_SIZE:
+                self._replays.clear()
+            decision = Decision(
+                Outcome.REPLAYED, self.machine_id, pin, replay=self._replay_field + pin
+            )
+            self._replays[pin] = decision
+        return decision
+
     def decide(
         self,
         request: Any,
@@ -220,19 +274,20 @@ class Decider:
         """Decide one request. ``request`` is only handed to the skipper."""
         if self._skipper is not None and self._skipper(request):
             return self._skipped
-        pin = self.read_pin(cookie_header) if cookie_header else None
-        if pin == self.machine_id:
-            return self._pinned
+        pin = None
+        if cookie_header:
+            # A cookie naming this machine wins over any other (say, one set by a
+            # sibling domain); otherwise the first valid value is the pin.
+            if self._names_this_machine(cookie_header):
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("pinned: served by %s, the machine the cookie names", self.machine_id)
+                return self._pinned
+            pin = self.read_pin(cookie_header)
         if pin is None:
-            decision = Decision(
-                Outcome.STAMPED, self.machine_id, None, self._set_cookie(headers, is_websocket)
-            )
             log.debug(
-                "stamped: no valid %s cookie, pinned to %s",
-                self.config.cookie_name,
-                self.machine_id,
+                "stamped: no valid %s cookie, pinned to %s", self._name_eq[:-1], self.machine_id
             )
-            return decision
+            return self._stamped(headers, is_websocket)
         for name in ARRIVAL_HEADERS:
             if headers.get(name) is not None:
                 # Replaying again could loop; and when the pinned machine is gone,
@@ -254,5 +309,6 @@ class Decider:
         if not _body_replayable(headers):
             log.debug("off_pin: body too big or of unknown length to replay to %s", pin)
             return Decision(Outcome.OFF_PIN, self.machine_id, pin)
-        log.debug("replayed: session pinned to %s", pin)
-        return Decision(Outcome.REPLAYED, self.machine_id, pin, replay=self._replay_field + pin)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("replayed: session pinned to %s", pin)
+        return self._replay(pin)

@@ -115,6 +115,7 @@ class SanicHarness:
         self.ran.clear()
         # Latin-1 bytes, so that a header can carry any octet, as on the wire.
         raw = [(k, v.encode("latin-1")) for k, v in _pairs(headers)]
+        self.client.cookies.clear()  # each request says its own cookies
         _, response = await self.client.request(
             method, path, headers=raw, content=body, gather_request=False
         )
@@ -170,7 +171,7 @@ class QuartHarness:
 
         app.register_blueprint(blueprint)
         StickySessions(app, config)
-        self.client = app.test_client()
+        self.client = app.test_client(use_cookies=False)  # each request says its cookies
 
     async def request(
         self,

@@ -19,16 +19,31 @@ from .emulator_fixtures import HERE, assert_all_stopped
 CLI = [sys.executable, "-m", "flysticky.cli"]
 
 
-def run(args: list[str], cwd: Path = HERE.parent, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str], cwd: Path = HERE.parent, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["proxy", "--machines", "1", "--", "no-such-command-xyz"], "cannot run 'no-such-command-xyz'"),
-        (["proxy", "--machines", "1", "--", sys.executable, "-c", "import sys; print('boom'); sys.exit(4)"],
-         "exited with code 4"),
+        (
+            ["proxy", "--machines", "1", "--", "no-such-command-xyz"],
+            "cannot run 'no-such-command-xyz'",
+        ),
+        (
+            [
+                "proxy",
+                "--machines",
+                "1",
+                "--",
+                sys.executable,
+                "-c",
+                "import sys; print('boom'); sys.exit(4)",
+            ],
+            "exited with code 4",
+        ),
         (["proxy", "--machines", "1", "nomodule_xyz:app"], "cannot import 'nomodule_xyz'"),
         (["proxy", "--machines", "0", "app:app"], "must be 1 or more"),
         (["proxy", "--regions", "iad,x", "app:app"], "region codes"),
@@ -48,8 +63,18 @@ def test_port_in_use_is_a_clear_error() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run(["proxy", "--port", str(port), "--machines", "1", "--",
-                      sys.executable, str(HERE / "apps" / "echo_backend.py")])
+        result = run(
+            [
+                "proxy",
+                "--port",
+                str(port),
+                "--machines",
+                "1",
+                "--",
+                sys.executable,
+                str(HERE / "apps" / "echo_backend.py"),
+            ]
+        )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -68,9 +93,24 @@ def test_bad_fly_toml_is_a_clear_error(tmp_path: Path) -> None:
 def test_proxy_serves_counts_and_stops_every_machine(tmp_path: Path) -> None:
     port = free_port()
     process = subprocess.Popen(
-        [*CLI, "proxy", "--port", str(port), "--machines", "2", "--regions", "iad,ams",
-         "--quiet", "--", sys.executable, str(HERE / "apps" / "echo_backend.py")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        [
+            *CLI,
+            "proxy",
+            "--port",
+            str(port),
+            "--machines",
+            "2",
+            "--regions",
+            "iad,ams",
+            "--quiet",
+            "--",
+            sys.executable,
+            str(HERE / "apps" / "echo_backend.py"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
     )
     try:
         deadline = time.monotonic() + 30
@@ -90,6 +130,8 @@ def test_proxy_serves_counts_and_stops_every_machine(tmp_path: Path) -> None:
     assert process.returncode == 0
     assert "machine 1:" in err and "iad" in err and "ams" in err
     assert "total: 5 deliveries, 5 served, 0 replays" in err
-    pids = [int(p) for p in err.rsplit("stopped machine processes [", 1)[1].split("]")[0].split(",")]
+    pids = [
+        int(p) for p in err.rsplit("stopped machine processes [", 1)[1].split("]")[0].split(",")
+    ]
     assert len(pids) == 2
     assert_all_stopped(pids)

@@ -42,6 +42,13 @@ def test_pinned_decision_is_shared_and_carries_nothing_to_send() -> None:
     assert (first.set_cookie, first.replay, first.serve) == (None, None, True)
 
 
+def test_a_cookie_naming_this_machine_wins_over_others() -> None:
+    both = f"fly-machine-id={OTHER}; fly-machine-id={MACHINE}"
+    assert decide(both).outcome is Outcome.PINNED
+    assert decide(f"fly-machine-id=bad!; fly-machine-id={OTHER}").pinned_to == OTHER
+    assert decider.read_pin(both) == OTHER  # otherwise the first valid value is the pin
+
+
 def test_websocket_is_never_stamped_but_is_replayed() -> None:
     assert decide(None, True).set_cookie is None
     assert decide(f"fly-machine-id={OTHER}", True).replay == f"prefer_instance={OTHER}"

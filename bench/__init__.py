@@ -1,0 +1,1 @@
+"""flysticky's benchmark: ``python -m bench`` (``--smoke``: a quick run that checks it works)."""
