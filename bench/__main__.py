@@ -87,7 +87,7 @@ def _micros(text: str) -> float:
 
 
 def wrk(port: int, cookie: str | None, seconds: float, connections: int) -> Sample:
-    command = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    command = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
     if cookie:
         command += ["-H", f"Cookie: {cookie}"]
     out = subprocess.run(

@@ -10,6 +10,7 @@ first, so that no app hook runs before a due replay.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections import deque
 from collections.abc import Callable
 from inspect import isawaitable
@@ -34,6 +35,13 @@ from .core import (
 __all__ = ["StickySessions", "current_decision"]
 
 _WRAPPED = "__flysticky_wrapped__"
+
+
+class _RouteHooks:
+    """Whether a wrapped handler serves a route where app request hooks run, so that
+    flysticky's first-placed middleware has already decided."""
+
+    present = False
 
 
 def current_decision(request: Request) -> Decision | None:
@@ -84,48 +92,57 @@ class StickySessions:
         app.ctx.flysticky = self
         app.register_listener(self._wire, "before_server_start")
 
-    def _decide(self, decider: Decider, request: Request, is_websocket: bool) -> Decision:
-        headers = request.headers
-        cookie = join_cookie_headers(headers.getall("cookie", None))
-        decision = decider.decide(request, cookie, headers, is_websocket)
-        request.ctx.flysticky = decision
-        return decision
-
     async def _request_middleware(self, request: Request) -> HTTPResponse | None:
         decider = self._decider
         if decider is None or current_decision(request) is not None:
             return None
         handler = request.route.handler if request.route is not None else None
         is_websocket = hasattr(handler, "is_websocket")
-        decision = self._decide(decider, request, is_websocket)
+        headers = request.headers
+        cookie = join_cookie_headers(headers.getall("cookie", None))
+        decision = decider.decide(request, cookie, headers, is_websocket)
+        request.ctx.flysticky = decision
         if decision.replay is None:
             return None
         return _replay_response(request, decision.replay, is_websocket)
 
     def _wrap(self, handler: Callable[..., Any]) -> Callable[..., Any]:
+        """The route handler, deciding first. Runs on every request: kept lean."""
         if hasattr(handler, _WRAPPED):
             return handler
+        plugin = self
         is_websocket = hasattr(handler, "is_websocket")
+        is_coroutine = inspect.iscoroutinefunction(handler)
+        route_hooks = _RouteHooks()
 
         @functools.wraps(handler)
         async def sticky_handler(request: Request, *args: Any, **kwargs: Any) -> Any:
-            decider = self._decider
+            decider = plugin._decider
             if decider is None:
                 response = handler(request, *args, **kwargs)
                 return await response if isawaitable(response) else response
-            decision: Decision | None = getattr(request.ctx, "flysticky", None)
+            # On a route with app request hooks, flysticky's middleware decided first.
+            decision = getattr(request.ctx, "flysticky", None) if route_hooks.present else None
             if decision is None:
-                decision = self._decide(decider, request, is_websocket)
+                headers = request.headers
+                cookies = headers.getall("cookie", None)
+                decision = decider.decide(
+                    request,
+                    cookies[0] if cookies and len(cookies) == 1 else join_cookie_headers(cookies),
+                    headers,
+                    is_websocket,
+                )
+                request.ctx.flysticky = decision
                 if decision.replay is not None:
                     return _replay_response(request, decision.replay, is_websocket)
             response = handler(request, *args, **kwargs)
-            if isawaitable(response):
+            if is_coroutine or isawaitable(response):
                 response = await response
             if decision.set_cookie is not None and isinstance(response, BaseHTTPResponse):
                 apply_stamp(decision, response.headers)
             return response
 
-        setattr(sticky_handler, _WRAPPED, handler)
+        setattr(sticky_handler, _WRAPPED, route_hooks)
         return sticky_handler
 
     def _place_middleware(self, chain: deque[Any], wanted: bool) -> None:
@@ -141,10 +158,12 @@ class StickySessions:
         self._decider = Decider(self.config, machine_id) if machine_id else None
         on_fly = self._decider is not None
         for route in app.router.routes:
-            if on_fly:
-                route.handler = self._wrap(route.handler)
             chain = route.extra.request_middleware
             app_hooks = any(m is not self._middleware for m in chain)
+            if on_fly:
+                route.handler = self._wrap(route.handler)
+                hooks: _RouteHooks = getattr(route.handler, _WRAPPED)
+                hooks.present = hooks.present or app_hooks
             self._place_middleware(chain, on_fly and app_hooks)
         # Used only for requests that match no route and errors raised before routing
         # finished; the pinned path never sees it.
