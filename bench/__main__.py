@@ -1,6 +1,6 @@
 """What flysticky costs, against the same app without it, in one interleaved run.
 
-    python -m bench            # full run (about 6 minutes on 2 cores)
+    python -m bench            # full run (about 10 minutes on 2 cores)
     python -m bench --smoke    # seconds: checks that everything runs; figures mean nothing
 
 Servers run pinned to core 0 and wrk to core 1. Each round measures the bare app and
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import timeit
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -87,7 +88,16 @@ def _micros(text: str) -> float:
 
 
 def wrk(port: int, cookie: str | None, seconds: float, connections: int) -> Sample:
-    command = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    command = [
+        "taskset",
+        "-c",
+        "1",
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+    ]
     if cookie:
         command += ["-H", f"Cookie: {cookie}"]
     out = subprocess.run(
@@ -104,10 +114,12 @@ def wrk(port: int, cookie: str | None, seconds: float, connections: int) -> Samp
 async def start(framework: str, command: list[str], sticky: bool) -> tuple[Fleet, Machine]:
     fleet = Fleet(
         ["taskset", "-c", "0", *command],
+        # One hash seed for both apps: dict layouts then differ only by flysticky.
         env={
             "BENCH_FRAMEWORK": framework,
             "BENCH_STICKY": "1" if sticky else "0",
             "PYTHONPATH": str(ROOT),
+            "PYTHONHASHSEED": "0",
         },
         cwd=ROOT,
     )
@@ -117,16 +129,18 @@ async def start(framework: str, command: list[str], sticky: bool) -> tuple[Fleet
 async def server_figures(
     rounds: int, seconds: float, connections: int, only: list[str]
 ) -> dict[tuple[str, str], dict[str, Series]]:
+    """Fresh processes every round, so that one lucky or unlucky process (memory
+    layout, what else the VM did meanwhile) cannot bias the ratio."""
     results: dict[tuple[str, str], dict[str, Series]] = {}
     for name, (framework, command) in SERVERS.items():
         if only and not any(word.lower() in name.lower() for word in only):
             continue
-        bare_fleet, bare = await start(framework, command, sticky=False)
-        sticky_fleet, sticky = await start(framework, command, sticky=True)
-        try:
-            for machine in (bare, sticky):  # warm up
-                wrk(machine.port, cookie_for("pinned", sticky.id), min(seconds, 1), connections)
-            for round_ in range(rounds):
+        for round_ in range(rounds):
+            bare_fleet, bare = await start(framework, command, sticky=False)
+            sticky_fleet, sticky = await start(framework, command, sticky=True)
+            try:
+                for machine in (bare, sticky):  # warm up
+                    wrk(machine.port, cookie_for("pinned", sticky.id), 1, connections)
                 for path in PATHS:
                     series = results.setdefault(
                         (name, path), {"bare": Series(), "sticky": Series()}
@@ -138,36 +152,38 @@ async def server_figures(
                         series[label].samples.append(
                             wrk(machine.port, cookie, seconds, connections)
                         )
-                print(f"  {name}: round {round_ + 1}/{rounds} done", file=sys.stderr, flush=True)
-        finally:
-            await bare_fleet.close()
-            await sticky_fleet.close()
+            finally:
+                await bare_fleet.close()
+                await sticky_fleet.close()
+            print(f"  {name}: round {round_ + 1}/{rounds} done", file=sys.stderr, flush=True)
     return results
 
 
 def core_figures(number: int) -> dict[str, float]:
+    """ns per decision. Each call gets a freshly built Cookie header, as a server hands
+    over a new string per request (its hash is not cached); building it is subtracted."""
     machine = "90801679a10038"
     decider = Decider(StickyConfig(), machine)
     cases = {
-        "pinned": (f"{BROWSER_COOKIES}; fly-machine-id={machine}", {}),
-        "replay": (f"{BROWSER_COOKIES}; fly-machine-id={OTHER}", {}),
-        "first visit": (BROWSER_COOKIES, {}),
+        "pinned": (f"fly-machine-id={machine}", {}),
+        "replay": (f"fly-machine-id={OTHER}", {}),
+        "first visit": ("lang=en", {}),
         "re-pin after failover": (
             f"fly-machine-id={OTHER}",
             {"fly-preferred-instance-unavailable": OTHER},
         ),
         "hostile cookie": (f"fly-machine-id=abc;app=x{'%' * 100}", {}),
     }
+    prefix = BROWSER_COOKIES + "; "
+
+    def best(call: Callable[[], object]) -> float:
+        return min(timeit.repeat(call, number=number, repeat=5)) / number * 1e9
+
     figures = {}
-    for name, (cookie, headers) in cases.items():
-        best = min(
-            timeit.repeat(
-                lambda: decider.decide(None, cookie, headers, False),  # noqa: B023
-                number=number,
-                repeat=5,
-            )
-        )
-        figures[name] = best / number * 1e9
+    for name, (tail, headers) in cases.items():
+        build = best(lambda: prefix + tail)  # noqa: B023
+        decide = best(lambda: decider.decide(None, prefix + tail, headers, False))  # noqa: B023
+        figures[name] = decide - build
     return figures
 
 
@@ -286,7 +302,7 @@ def report(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a few seconds, figures meaningless")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--sessions", type=int, default=60)

@@ -11,7 +11,7 @@ import enum
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,9 +46,11 @@ def is_machine_id(value: str) -> bool:
 
 
 class HeaderLookup(Protocol):
-    """What the core needs of request headers: a case-insensitive ``get``."""
+    """What the core needs of request headers: case-insensitive ``get`` and ``in``."""
 
     def get(self, key: str, /) -> str | None: ...
+
+    def __contains__(self, key: object, /) -> bool: ...
 
 
 class ResponseHeaders(Protocol):
@@ -91,6 +93,36 @@ class Decision:
     def serve(self) -> bool:
         """False only when the request must be answered with fly-replay."""
         return self.replay is None
+
+
+class HeaderTable:
+    """A case-insensitive lookup over (name, value) pairs, built on first use.
+
+    For header types whose every ``get`` scans the whole list (Werkzeug's, so
+    Quart's): the decisions that read several headers then pay for one pass, and
+    the pinned path, which reads none but the cookie, pays for nothing.
+    """
+
+    __slots__ = ("_pairs", "_table")
+
+    def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
+        self._pairs = pairs
+        self._table: dict[str, str] | None = None
+
+    def _lookup(self) -> dict[str, str]:
+        table = self._table
+        if table is None:
+            table = {}
+            for name, value in self._pairs:
+                table.setdefault(name.lower(), value)
+            self._table = table
+        return table
+
+    def get(self, key: str, /) -> str | None:
+        return self._lookup().get(key)
+
+    def __contains__(self, key: object, /) -> bool:
+        return key in self._lookup()
 
 
 def machine_id_from_env(environ: Callable[[str], str | None] = os.environ.get) -> str | None:
@@ -165,9 +197,12 @@ def _body_replayable(headers: HeaderLookup) -> bool:
     return length.isascii() and length.isdigit() and int(length) <= REPLAY_BODY_LIMIT
 
 
-#: Replay decisions are kept per target machine; ids are attacker-chosen, so the
-#: table is bounded (real fleets have a handful of machines).
+#: Replay decisions are kept per target machine, and pins per raw Cookie header
+#: (a browser sends the same header again and again); both are attacker-chosen,
+#: so both tables are bounded, and only headers up to a size are remembered.
 _REPLAY_CACHE_SIZE = 1024
+_PIN_CACHE_SIZE = 4096
+_PIN_CACHE_HEADER = 1024
 
 
 class Decider:
@@ -202,6 +237,7 @@ class Decider:
         self._stamped_secure = Decision(Outcome.STAMPED, machine_id, None, self._stamp_secure)
         self._stamped_websocket = Decision(Outcome.STAMPED, machine_id)
         self._replays: dict[str, Decision] = {}
+        self._pins: dict[str, str | None] = {}
 
     def _names_this_machine(self, cookie_header: str) -> bool:
         """Whether one of our cookies names this machine: the common case, in one find."""
@@ -236,6 +272,19 @@ class Decider:
                     return value
             i = cookie_header.find(name_eq, i + 1)
         return None
+
+    def _remembered_pin(self, cookie_header: str) -> str | None:
+        pins = self._pins
+        try:
+            return pins[cookie_header]
+        except KeyError:
+            pass
+        pin = self.read_pin(cookie_header)
+        if len(cookie_header) <= _PIN_CACHE_HEADER:
+            if len(pins) >= _PIN_CACHE_SIZE:
+                pins.clear()
+            pins[cookie_header] = pin
+        return pin
 
     def _set_cookie(self, headers: HeaderLookup, is_websocket: bool) -> str | None:
         # A websocket handshake is answered by the server's upgrade machinery, not
@@ -279,17 +328,15 @@ class Decider:
             # A cookie naming this machine wins over any other (say, one set by a
             # sibling domain); otherwise the first valid value is the pin.
             if self._names_this_machine(cookie_header):
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("pinned: served by %s, the machine the cookie names", self.machine_id)
-                return self._pinned
-            pin = self.read_pin(cookie_header)
+                return self._pinned  # the common case: not logged, it would flood DEBUG
+            pin = self._remembered_pin(cookie_header)
         if pin is None:
             log.debug(
                 "stamped: no valid %s cookie, pinned to %s", self._name_eq[:-1], self.machine_id
             )
             return self._stamped(headers, is_websocket)
         for name in ARRIVAL_HEADERS:
-            if headers.get(name) is not None:
+            if name in headers:
                 # Replaying again could loop; and when the pinned machine is gone,
                 # prefer_instance lands the request here: heal the session.
                 log.info(

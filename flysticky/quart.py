@@ -1,9 +1,9 @@
 """Quart extension: ``StickySessions(app)`` or ``StickySessions().init_app(app)``.
 
-Its ``before_request`` and ``before_websocket`` functions are put first in the
-app's lists, so a due replay is answered before any app hook runs. The Set-Cookie
-is added by a per-request ``after_this_request``, so the pinned path pays for one
-hook only.
+flysticky decides in the app's own preprocessing step, before its
+``url_value_preprocessors`` and ``before_request``/``before_websocket`` functions, so
+a due replay is answered before any app hook runs. The Set-Cookie is added by a
+per-request ``after_this_request``, so the pinned path adds no hook at all.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 from typing import Any, cast
 
-from quart import Quart, Response, after_this_request, g, request, websocket
+from quart import Quart, Response, after_this_request, g
+from quart.ctx import RequestContext, WebsocketContext
+from quart.globals import request_ctx, websocket_ctx
+from quart.typing import ResponseReturnValue
 from werkzeug.datastructures import Headers
 from werkzeug.wrappers import Response as WerkzeugResponse
 
@@ -21,9 +24,9 @@ from .core import (
     REPLAY_STATUS,
     Decider,
     Decision,
+    HeaderTable,
     apply_stamp,
     join_cookie_headers,
-    log,
     machine_id_from_env,
 )
 
@@ -42,6 +45,7 @@ class StickySessions:
         self.config = config if config is not None else StickyConfig()
         self._env_value: str | None = None
         self._decider: Decider | None = None
+        self._serving = False
         if app is not None:
             self.init_app(app)
 
@@ -49,26 +53,62 @@ class StickySessions:
         if "flysticky" in app.extensions:
             raise RuntimeError(f"flysticky is already installed on Quart app {app.name!r}")
         app.extensions["flysticky"] = self
-        app.before_request_funcs.setdefault(None, []).insert(0, self._before_request)
-        app.before_websocket_funcs.setdefault(None, []).insert(0, self._before_websocket)
+        # Deciding inside the app's own preprocessing step puts flysticky before its
+        # url_value_preprocessors and before_request/before_websocket functions
+        # (blueprints' included), and costs less than one more hook in those lists.
+        preprocess_request = app.preprocess_request
+        preprocess_websocket = app.preprocess_websocket
+
+        async def sticky_preprocess_request(
+            request_context: RequestContext | None = None,
+        ) -> ResponseReturnValue | None:
+            target = (request_context or request_ctx).request
+            replay = self._decide(target, target.headers, False)
+            return replay if replay is not None else await preprocess_request(request_context)
+
+        async def sticky_preprocess_websocket(
+            websocket_context: WebsocketContext | None = None,
+        ) -> ResponseReturnValue | None:
+            target = (websocket_context or websocket_ctx).websocket
+            replay = self._decide(target, target.headers, True)
+            return replay if replay is not None else await preprocess_websocket(websocket_context)
+
+        app.preprocess_request = sticky_preprocess_request  # type: ignore[method-assign]
+        app.preprocess_websocket = sticky_preprocess_websocket  # type: ignore[method-assign]
+        app.before_serving(self._start_serving)
+        app.after_serving(self._stop_serving)
+
+    async def _start_serving(self) -> None:
+        self._serving = False
+        self._current_decider()  # the machine id, read once for the life of the server
+        self._serving = True
+
+    async def _stop_serving(self) -> None:
+        self._serving = False
 
     def _current_decider(self) -> Decider | None:
-        # Read per request: Quart's test client never runs before_serving, and the
-        # lookup costs well under a microsecond against Quart's ~100.
+        # A served app reads FLY_MACHINE_ID once, at start. Quart's test client never
+        # starts the app, so there it is read per request (and tests may change it).
+        if self._serving:
+            return self._decider
         value = os.environ.get("FLY_MACHINE_ID")
-        if value != self._env_value:
+        if value != self._env_value or self._decider is None:
             self._env_value = value
             machine_id = machine_id_from_env(lambda _: value)
             self._decider = Decider(self.config, machine_id) if machine_id else None
-            log.debug("flysticky for Quart: machine %s", machine_id)
         return self._decider
 
     def _decide(self, target: Any, headers: Headers, is_websocket: bool) -> Response | None:
         decider = self._current_decider()
         if decider is None:
             return None
-        cookie = join_cookie_headers(headers.getlist("cookie"))
-        decision = decider.decide(target, cookie, headers, is_websocket)
+        cookies = headers.getlist("cookie")
+        decision = decider.decide(
+            target,
+            cookies[0] if len(cookies) == 1 else join_cookie_headers(cookies),
+            HeaderTable(headers.items()),
+            is_websocket,
+        )
         g.flysticky = decision
         if decision.replay is not None:
             return Response(b"", REPLAY_STATUS, {REPLAY_HEADER: decision.replay})
@@ -82,11 +122,3 @@ class StickySessions:
 
             after_this_request(stamp)
         return None
-
-    async def _before_request(self) -> Response | None:
-        target = request._get_current_object()  # type: ignore[attr-defined]
-        return self._decide(target, target.headers, False)
-
-    async def _before_websocket(self) -> Response | None:
-        target = websocket._get_current_object()  # type: ignore[attr-defined]
-        return self._decide(target, target.headers, True)

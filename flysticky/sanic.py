@@ -10,7 +10,6 @@ first, so that no app hook runs before a due replay.
 from __future__ import annotations
 
 import functools
-import inspect
 from collections import deque
 from collections.abc import Callable
 from inspect import isawaitable
@@ -35,6 +34,14 @@ from .core import (
 __all__ = ["StickySessions", "current_decision"]
 
 _WRAPPED = "__flysticky_wrapped__"
+
+
+async def _stamped(response: Any, decision: Decision) -> Any:
+    if isawaitable(response):
+        response = await response
+    if isinstance(response, BaseHTTPResponse):
+        apply_stamp(decision, response.headers)
+    return response
 
 
 class _RouteHooks:
@@ -107,20 +114,22 @@ class StickySessions:
         return _replay_response(request, decision.replay, is_websocket)
 
     def _wrap(self, handler: Callable[..., Any]) -> Callable[..., Any]:
-        """The route handler, deciding first. Runs on every request: kept lean."""
+        """The route handler, deciding first. Runs on every request: kept lean.
+
+        It is a plain function: Sanic awaits whatever it returns, so the pinned path
+        hands back the handler's own coroutine, with no extra frame around it.
+        """
         if hasattr(handler, _WRAPPED):
             return handler
         plugin = self
         is_websocket = hasattr(handler, "is_websocket")
-        is_coroutine = inspect.iscoroutinefunction(handler)
         route_hooks = _RouteHooks()
 
         @functools.wraps(handler)
-        async def sticky_handler(request: Request, *args: Any, **kwargs: Any) -> Any:
+        def sticky_handler(request: Request, *args: Any, **kwargs: Any) -> Any:
             decider = plugin._decider
             if decider is None:
-                response = handler(request, *args, **kwargs)
-                return await response if isawaitable(response) else response
+                return handler(request, *args, **kwargs)
             # On a route with app request hooks, flysticky's middleware decided first.
             decision = getattr(request.ctx, "flysticky", None) if route_hooks.present else None
             if decision is None:
@@ -135,12 +144,9 @@ class StickySessions:
                 request.ctx.flysticky = decision
                 if decision.replay is not None:
                     return _replay_response(request, decision.replay, is_websocket)
-            response = handler(request, *args, **kwargs)
-            if is_coroutine or isawaitable(response):
-                response = await response
-            if decision.set_cookie is not None and isinstance(response, BaseHTTPResponse):
-                apply_stamp(decision, response.headers)
-            return response
+            if decision.set_cookie is None:
+                return handler(request, *args, **kwargs)
+            return _stamped(handler(request, *args, **kwargs), decision)
 
         setattr(sticky_handler, _WRAPPED, route_hooks)
         return sticky_handler

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flysticky import Decider, Decision, Outcome, StickyConfig, is_machine_id
-from flysticky.core import machine_id_from_env, private_cache_control
+from flysticky.core import HeaderTable, machine_id_from_env, private_cache_control
 
 from .harness import MACHINE, OTHER
 
@@ -70,6 +70,25 @@ def test_websocket_is_never_stamped_but_is_replayed() -> None:
 )
 def test_body_limits(headers: dict[str, str], outcome: Outcome) -> None:
     assert decide(f"fly-machine-id={OTHER}", **headers).outcome is outcome
+
+
+def test_remembered_pins_are_bounded() -> None:
+    fresh = Decider(StickyConfig(), MACHINE)
+    for n in range(10_000):
+        assert fresh.decide(None, f"fly-machine-id=m{n}", {}).pinned_to == f"m{n}"
+    assert 0 < len(fresh._pins) <= 4096
+    assert len(fresh._replays) <= 1024
+    long = "x=" + "y" * 2000 + f"; fly-machine-id={OTHER}"
+    assert fresh.decide(None, long, {}).replay == f"prefer_instance={OTHER}"
+    assert long not in fresh._pins  # long headers are not kept
+
+
+def test_header_table_reads_first_values_case_insensitively_once() -> None:
+    pairs = iter([("Cookie", "a=1"), ("FLY-REPLAY-SRC", "x"), ("cookie", "b=2")])
+    table = HeaderTable(pairs)
+    assert table.get("cookie") == "a=1"
+    assert "fly-replay-src" in table
+    assert table.get("missing") is None
 
 
 def test_machine_id_from_env() -> None:
