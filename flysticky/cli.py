@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _needs(module: str, extra: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        raise SystemExit(f"error: this needs {module}: pip install 'flysticky[{extra}]'") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
@@ -108,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list, command = args_list[:at], args_list[at + 1 :]
     parser = build_parser()
     args = parser.parse_args(args_list)
+    if args.command in ("new", "demo"):
+        _needs("cookiecutter", "template")
+    if args.command in ("proxy", "demo"):
+        _needs("aiohttp", "proxy")
     if args.command == "new":
         return _new(args, parser)
     try:

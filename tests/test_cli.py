@@ -135,3 +135,15 @@ def test_proxy_serves_counts_and_stops_every_machine(tmp_path: Path) -> None:
     ]
     assert len(pids) == 2
     assert_all_stopped(pids)
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    root = HERE.parent
+    readme = root.joinpath("README.md").read_text()
+    first_screen = readme.split("---", 1)[0]
+    commands = [line for line in first_screen.splitlines() if line.startswith("python3 -m venv")]
+    assert len(commands) == 2  # the demo, the tests
+    run_demo, run_tests = commands
+    assert run_demo.endswith("flysticky demo")
+    assert run_tests.endswith("python -m pytest")
+    assert run_tests in root.joinpath(".ci", "run").read_text().splitlines()

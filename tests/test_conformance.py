@@ -26,7 +26,6 @@ HOSTILE = [
     " ",
     '""',
     "abc%3Bapp%3Dinternal-admin",
-    "abc\r\nx-injected: 1",
     "a" * 65,
     "machine id",
     "m\u00e9chine",
@@ -35,7 +34,6 @@ HOSTILE = [
     '"quoted;app=evil"',
     "=",
     "../../etc",
-    "\x00\x01",
 ]
 
 
@@ -113,10 +111,8 @@ async def test_request_matching_no_route_is_replayed_too(make: MakeHarness) -> N
     assert reply.ran == []
 
 
-async def test_blueprint_hooks_do_not_run_before_a_replay(make: MakeHarness) -> None:
-    harness = make()
-    if harness.framework != "quart":
-        pytest.skip("the blueprint route lives in the Quart harness")
+async def test_quart_blueprint_hooks_do_not_run_before_a_replay(on_fly: str) -> None:
+    harness = HARNESSES["quart"](None)
     reply = await harness.request("GET", "/bp", cookie(OTHER))
     assert (reply.status, reply.ran) == (307, [])
     reply = await harness.request("GET", "/bp", cookie(MACHINE))
@@ -127,11 +123,9 @@ async def test_blueprint_hooks_do_not_run_before_a_replay(make: MakeHarness) -> 
 async def test_hostile_cookie_counts_as_none_and_never_reaches_a_header(
     make: MakeHarness, value: str
 ) -> None:
+    # Control characters: test clients refuse to send them; test_real_servers sends
+    # them over raw sockets and the core's property tests feed them directly.
     harness = make()
-    # The test clients refuse header values with control characters; the core's
-    # property tests cover those bytes directly.
-    if any(ord(c) < 0x20 for c in value):
-        pytest.skip("a test client cannot send control characters in a header")
     header = f"fly-machine-id={value}"
     if not header.isascii():
         # Raw UTF-8 bytes on the wire, as a hostile client would send them.

@@ -570,28 +570,24 @@ def _plain(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
 
 
+async def _forward(
+    source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    target: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+) -> None:
+    async for message in source:
+        if message.type == aiohttp.WSMsgType.TEXT:
+            await target.send_str(message.data)
+        elif message.type == aiohttp.WSMsgType.BINARY:
+            await target.send_bytes(message.data)
+    await target.close()
+
+
 async def _pump_both_ways(
     client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
 ) -> None:
-    async def client_to_upstream() -> None:
-        async for message in client:
-            if message.type == aiohttp.WSMsgType.TEXT:
-                await upstream.send_str(message.data)
-            elif message.type == aiohttp.WSMsgType.BINARY:
-                await upstream.send_bytes(message.data)
-        await upstream.close()
-
-    async def upstream_to_client() -> None:
-        async for message in upstream:
-            if message.type == aiohttp.WSMsgType.TEXT:
-                await client.send_str(message.data)
-            elif message.type == aiohttp.WSMsgType.BINARY:
-                await client.send_bytes(message.data)
-        await client.close()
-
     tasks = [
-        asyncio.ensure_future(client_to_upstream()),
-        asyncio.ensure_future(upstream_to_client()),
+        asyncio.ensure_future(_forward(client, upstream)),
+        asyncio.ensure_future(_forward(upstream, client)),
     ]
     _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:

@@ -61,8 +61,11 @@ def describe(decision: Any, header: Callable[[str], str | None], visits: int) ->
     }
 
 
-def is_https(header: Callable[[str], str | None]) -> bool:
-    return (header("x-forwarded-proto") or "").split(",")[0].strip() == "https"
+def session_cookie_options(header: Callable[[str], str | None]) -> dict[str, Any]:
+    """The demo-session cookie's attributes, as both Sanic's add_cookie and Quart's
+    set_cookie take them; Secure when TLS ended at Fly's edge."""
+    https = (header("x-forwarded-proto") or "").split(",")[0].strip() == "https"
+    return {"max_age": SESSION_MAX_AGE, "httponly": True, "samesite": "Lax", "secure": https}
 
 
 _ARRIVALS = {

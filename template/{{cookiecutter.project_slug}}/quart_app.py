@@ -32,14 +32,8 @@ def visit() -> tuple[dict[str, object], str | None]:
 
 def with_session(response: Response, session: str | None) -> Response:
     if session is not None:
-        response.set_cookie(
-            page.SESSION_COOKIE,
-            session,
-            max_age=page.SESSION_MAX_AGE,
-            httponly=True,
-            samesite="Lax",
-            secure=page.is_https(request.headers.get),
-        )
+        options = page.session_cookie_options(request.headers.get)
+        response.set_cookie(page.SESSION_COOKIE, session, **options)
     return response
 
 

@@ -32,14 +32,8 @@ def visit(request: Request) -> tuple[dict[str, object], str | None]:
 
 def with_session(request: Request, response: HTTPResponse, session: str | None) -> HTTPResponse:
     if session is not None:
-        response.add_cookie(
-            page.SESSION_COOKIE,
-            session,
-            max_age=page.SESSION_MAX_AGE,
-            httponly=True,
-            samesite="Lax",
-            secure=page.is_https(request.headers.get),
-        )
+        options = page.session_cookie_options(request.headers.get)
+        response.add_cookie(page.SESSION_COOKIE, session, **options)
     return response
 
 
