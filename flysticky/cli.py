@@ -262,7 +262,8 @@ async def _serve(
     finally:
         pids = [m.pid for m in fleet.machines if m.pid]
         await emulator.close()
-        say(_summary(emulator) + f"\nstopped machine processes {pids}")
+        if pids:
+            say(_summary(emulator) + f"\nstopped machine processes {pids}")
 
 
 def say(text: str) -> None:

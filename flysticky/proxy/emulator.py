@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -154,12 +155,15 @@ class Emulator:
         )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=False)
+        # SO_REUSEADDR (aiohttp's default): a port whose last connections are in
+        # TIME_WAIT is free; one with a live listener still is not.
+        site = web.TCPSite(self._runner, self.host, self.port)
         try:
             await site.start()
         except OSError as error:
             await self.close()
-            raise OSError(f"cannot listen on {self.host}:{self.port}: {error.strerror}") from None
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise OSError(f"cannot listen on {self.host}:{self.port}: {reason}") from None
         if self.port == 0:
             server = site._server
             assert isinstance(server, asyncio.base_events.Server)
