@@ -263,15 +263,19 @@ def report(
         "",
         "## Through each server: app with flysticky against the same app without it",
         "",
-        "| server | path | req/s bare | req/s flysticky | ratio "
+        "Ratios are medians of each round's flysticky/bare pair (the range in brackets),",
+        "so that the VM's drift between rounds cancels out.",
+        "",
+        "| server | path | req/s bare | req/s flysticky | ratio [range] "
         "| p50 us bare / fs | p99 us bare / fs | p99 ratio |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (name, path), series in servers.items():
         bare, sticky = series["bare"], series["sticky"]
+        pairs = [s.rps / b.rps for s, b in zip(sticky.samples, bare.samples, strict=True)]
         lines.append(
             f"| {name} | {path} | {bare.median('rps'):,.0f} | {sticky.median('rps'):,.0f} | "
-            f"{sticky.median('rps') / bare.median('rps'):.3f} | "
+            f"{statistics.median(pairs):.3f} [{min(pairs):.2f}-{max(pairs):.2f}] | "
             f"{bare.median('p50_us'):,.0f} / {sticky.median('p50_us'):,.0f} | "
             f"{bare.median('p99_us'):,.0f} / {sticky.median('p99_us'):,.0f} | "
             f"{sticky.median('p99_us') / bare.median('p99_us'):.3f} |"
