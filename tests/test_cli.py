@@ -147,3 +147,38 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert run_demo.endswith("flysticky demo")
     assert run_tests.endswith("python -m pytest")
     assert run_tests in root.joinpath(".ci", "run").read_text().splitlines()
+
+
+async def test_terminal_keys_kill_restart_add_and_quit() -> None:
+    import asyncio
+
+    from flysticky.cli import _key
+
+    from .emulator_fixtures import running
+
+    async with running(machines=2) as (emulator, _):
+        stop = asyncio.Event()
+        first = emulator.fleet.machines[0]
+        assert "kill: machine" in await _key(emulator, ["k", "1"], stop)
+        assert not first.alive
+        assert "restart: machine" in await _key(emulator, ["r", first.id[:6]], stop)
+        assert first.alive
+        assert "added machine 3" in await _key(emulator, ["a", "ams"], stop)
+        assert emulator.fleet.machines[2].region == "ams"
+        assert "total:" in await _key(emulator, ["s"], stop)
+        assert "no single machine" in await _key(emulator, ["k", "9"], stop)
+        assert "keys:" in await _key(emulator, ["?"], stop)
+        await _key(emulator, ["q"], stop)
+        assert stop.is_set()
+
+
+def test_import_flysticky_needs_neither_framework() -> None:
+    code = (
+        "import sys; sys.modules['sanic'] = None; sys.modules['quart'] = None\n"
+        "import flysticky\n"
+        "from flysticky import StickyConfig, Decider\n"
+        "print(Decider(StickyConfig(), 'abc').machine_id)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "abc"
