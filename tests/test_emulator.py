@@ -354,3 +354,17 @@ async def test_concurrent_requests_spread_and_complete() -> None:
         results = await asyncio.gather(*(get_json(client, "/echo") for _ in range(60)))
         assert all(status == 200 for status, _ in results)
         assert len({echo["machine"] for _, echo in results}) == 3
+
+
+async def test_json_replay_cache_prefix_and_invalidate() -> None:
+    async with running() as (emulator, client):
+        target = emulator.fleet.machines[1].id
+        remember = {"instance": target, "cache": {"prefix": "127.0.0.1/echo*", "ttl": 30}}
+        await get_json(client, "/json-replay?b=" + quote(json.dumps(remember)))
+        for _ in range(3):
+            _, echo = await get_json(client, "/echo")
+            assert (echo["machine"], echo["headers"]["fly-replay-cache-status"]) == (target, "hit")
+        forget = {"instance": target, "cache": {"prefix": "127.0.0.1/echo*", "invalidate": True}}
+        await get_json(client, "/json-replay?b=" + quote(json.dumps(forget)))
+        _, echo = await get_json(client, "/echo")
+        assert "fly-replay-cache-status" not in echo["headers"]

@@ -13,7 +13,7 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -112,8 +112,7 @@ class Timeout(Exception):
 
 @dataclass
 class Stats:
-    started: float = field(default_factory=time.monotonic)
-    proxy_errors: int = 0
+    proxy_errors: int = 0  # answers the proxy gave itself (x-fly-emulator-error)
 
 
 class Emulator:
@@ -188,7 +187,7 @@ class Emulator:
     async def __aenter__(self) -> Emulator:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, *_: object) -> None:
         await self.close()
 
     @property
@@ -348,7 +347,11 @@ class Emulator:
             if key:
                 self.cache.remember_session(rule, key, target.id)
         pattern = replay.cache.pattern or answer.headers.get("fly-replay-cache")
-        if pattern and pattern != "invalidate":
+        if replay.cache.invalidate or pattern == "invalidate":
+            for stale in (previous.path_cache, replay.cache.pattern):
+                if stale:
+                    self.cache.forget_path(stale)
+        elif pattern:
             ttl = replay.cache.ttl or int(answer.headers.get("fly-replay-cache-ttl-secs", "60"))
             self.cache.remember_path(pattern, target.id, ttl)
         return Delivery(target, headers, path, replay.timeout, replay, origin)
