@@ -111,8 +111,8 @@ async def test_strict_mode_fails_sessions_of_a_dead_machine(framework: str) -> N
                 for _ in range(3):
                     async with client.get("/whoami") as response:
                         if machine == victim_id:
-                            # Served only if the load balancer happens to... it cannot:
-                            # the dead machine never answers, and others replay to it.
+                            # The dead machine gets no traffic, and every live one
+                            # answers instance=<dead machine>, which Fly cannot deliver.
                             assert response.status == 502
                             assert response.headers["x-fly-emulator-error"] == "no_candidate"
                         else:
