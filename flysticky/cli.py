@@ -342,11 +342,14 @@ async def _key(emulator: Any, words: list[str], stop: asyncio.Event) -> str:
     actions = {"k": "kill", "r": "restart", "d": "destroy"}
     if key in actions and rest:
         machines = emulator.fleet.machines
-        chosen = [
-            m for i, m in enumerate(machines, 1) if rest[0] == str(i) or m.id.startswith(rest[0])
-        ]
+        word = rest[0]
+        # A number is a machine's place in the list; anything else, a prefix of its id.
+        if word.isdigit() and 1 <= int(word) <= len(machines):
+            chosen = [machines[int(word) - 1]]
+        else:
+            chosen = [m for m in machines if m.id.startswith(word)]
         if len(chosen) != 1:
-            return f"no single machine {rest[0]!r}: give its number (1-{len(machines)}) or id"
+            return f"no single machine {word!r}: give its number (1-{len(machines)}) or id"
         await getattr(emulator.fleet, actions[key])(chosen[0])
         return f"{actions[key]}: machine {chosen[0].id} is {chosen[0].state}"
     return KEYS

@@ -166,7 +166,7 @@ async def test_terminal_keys_kill_restart_add_and_quit() -> None:
         assert "added machine 3" in await _key(emulator, ["a", "ams"], stop)
         assert emulator.fleet.machines[2].region == "ams"
         assert "total:" in await _key(emulator, ["s"], stop)
-        assert "no single machine" in await _key(emulator, ["k", "9"], stop)
+        assert "no single machine" in await _key(emulator, ["k", "zz"], stop)  # ids are hex
         assert "keys:" in await _key(emulator, ["?"], stop)
         await _key(emulator, ["q"], stop)
         assert stop.is_set()
