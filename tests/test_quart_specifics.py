@@ -49,3 +49,32 @@ async def test_a_serving_app_reads_the_machine_id_once_at_start(
             "/", headers={"cookie": f"fly-machine-id={MACHINE}"}
         )
         assert (await response.get_json())["outcome"] == "pinned"
+
+
+async def test_websocket_replay_through_the_test_client(on_fly: str) -> None:
+    from quart import websocket
+    from quart.testing import WebsocketResponseError
+
+    app = make_app()
+    ran: list[str] = []
+
+    @app.before_websocket
+    async def app_hook() -> None:
+        ran.append("hook")
+
+    @app.websocket("/ws")
+    async def ws() -> None:
+        ran.append("handler")
+        await websocket.send("hello")
+
+    StickySessions(app)
+    client = app.test_client()
+    with pytest.raises(WebsocketResponseError) as refused:
+        async with client.websocket("/ws", headers={"cookie": f"fly-machine-id={OTHER}"}) as sock:
+            await sock.receive()
+    assert refused.value.response.status_code == 307
+    assert refused.value.response.headers["fly-replay"] == f"prefer_instance={OTHER}"
+    assert ran == []
+    async with client.websocket("/ws", headers={"cookie": f"fly-machine-id={MACHINE}"}) as sock:
+        assert await sock.receive() == "hello"
+    assert ran == ["hook", "handler"]
