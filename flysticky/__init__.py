@@ -10,6 +10,7 @@ from .core import (
     Decider,
     Decision,
     Outcome,
+    decider_for,
     is_machine_id,
     machine_id_from_env,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "Decision",
     "Outcome",
     "StickyConfig",
+    "decider_for",
     "is_machine_id",
     "machine_id_from_env",
 ]

@@ -127,7 +127,17 @@ class HeaderTable:
 
 def machine_id_from_env(environ: Callable[[str], str | None] = os.environ.get) -> str | None:
     """This machine's id from ``FLY_MACHINE_ID``; None off Fly or when it is malformed."""
-    value = environ("FLY_MACHINE_ID")
+    return _checked_machine_id(environ("FLY_MACHINE_ID"))
+
+
+def decider_for(config: StickyConfig, fly_machine_id: str | None) -> Decider | None:
+    """The Decider for the machine ``FLY_MACHINE_ID`` names; None off Fly or when the
+    value is malformed (flysticky then does nothing)."""
+    machine_id = _checked_machine_id(fly_machine_id)
+    return Decider(config, machine_id) if machine_id else None
+
+
+def _checked_machine_id(value: str | None) -> str | None:
     if not value:
         return None
     if not is_machine_id(value):
@@ -230,12 +240,13 @@ class Decider:
         if config.http_only:
             attributes += "; HttpOnly"
         attributes += f"; SameSite={config.same_site}"
-        self._stamp_plain = f"{config.cookie_name}={machine_id}{attributes}"
-        self._stamp_secure = self._stamp_plain + "; Secure"
+        stamp = f"{config.cookie_name}={machine_id}{attributes}"
         self._pinned = Decision(Outcome.PINNED, machine_id, machine_id)
         self._skipped = Decision(Outcome.SKIPPED, machine_id)
-        self._stamped_plain = Decision(Outcome.STAMPED, machine_id, None, self._stamp_plain)
-        self._stamped_secure = Decision(Outcome.STAMPED, machine_id, None, self._stamp_secure)
+        self._stamped_plain = Decision(Outcome.STAMPED, machine_id, None, stamp)
+        self._stamped_secure = Decision(Outcome.STAMPED, machine_id, None, stamp + "; Secure")
+        # A websocket handshake is answered by the server's upgrade machinery, not by a
+        # response flysticky can add to; the page that opened it sets the pin.
         self._stamped_websocket = Decision(Outcome.STAMPED, machine_id)
         self._replays: dict[str, Decision] = {}
         self._pins: dict[str, str | None] = {}
@@ -277,21 +288,14 @@ class Decider:
             pins[cookie_header] = pin
         return pin
 
-    def _set_cookie(self, headers: HeaderLookup, is_websocket: bool) -> str | None:
-        # A websocket handshake is answered by the server's upgrade machinery, not
-        # by a response flysticky can add to; the page that opened it sets the pin.
+    def _stamped(self, headers: HeaderLookup, is_websocket: bool) -> Decision:
+        """The stamp for this request: Secure behind https (or as configured)."""
         if is_websocket:
-            return None
+            return self._stamped_websocket
         secure = self.config.secure
         if secure is None:
             secure = _is_https(headers)
-        return self._stamp_secure if secure else self._stamp_plain
-
-    def _stamped(self, headers: HeaderLookup, is_websocket: bool) -> Decision:
-        stamp = self._set_cookie(headers, is_websocket)
-        if stamp is None:
-            return self._stamped_websocket
-        return self._stamped_secure if stamp is self._stamp_secure else self._stamped_plain
+        return self._stamped_secure if secure else self._stamped_plain
 
     def _replay(self, pin: str) -> Decision:
         decision = self._replays.get(pin)
@@ -348,7 +352,7 @@ class Decider:
                     Outcome.REPINNED,
                     self.machine_id,
                     pin,
-                    self._set_cookie(headers, is_websocket),
+                    self._stamped(headers, is_websocket).set_cookie,
                     arrived_by=name,
                 )
         if not _body_replayable(headers):

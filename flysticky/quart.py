@@ -26,8 +26,8 @@ from .core import (
     Decision,
     HeaderTable,
     apply_stamp,
+    decider_for,
     join_cookie_headers,
-    machine_id_from_env,
 )
 
 __all__ = ["StickySessions", "current_decision"]
@@ -94,21 +94,15 @@ class StickySessions:
         value = os.environ.get("FLY_MACHINE_ID")
         if value != self._env_value or self._decider is None:
             self._env_value = value
-            machine_id = machine_id_from_env(lambda _: value)
-            self._decider = Decider(self.config, machine_id) if machine_id else None
+            self._decider = decider_for(self.config, value)
         return self._decider
 
     def _decide(self, target: Any, headers: Headers, is_websocket: bool) -> Response | None:
         decider = self._current_decider()
         if decider is None:
             return None
-        cookies = headers.getlist("cookie")
-        decision = decider.decide(
-            target,
-            cookies[0] if len(cookies) == 1 else join_cookie_headers(cookies),
-            HeaderTable(headers.items()),
-            is_websocket,
-        )
+        cookie = join_cookie_headers(headers.getlist("cookie"))
+        decision = decider.decide(target, cookie, HeaderTable(headers.items()), is_websocket)
         g.flysticky = decision
         if decision.replay is not None:
             return Response(b"", REPLAY_STATUS, {REPLAY_HEADER: decision.replay})

@@ -10,6 +10,7 @@ first, so that no app hook runs before a due replay.
 from __future__ import annotations
 
 import functools
+import os
 from collections import deque
 from collections.abc import Callable
 from inspect import isawaitable
@@ -27,9 +28,9 @@ from .core import (
     Decider,
     Decision,
     apply_stamp,
+    decider_for,
     join_cookie_headers,
     log,
-    machine_id_from_env,
 )
 
 __all__ = ["StickySessions", "current_decision"]
@@ -140,13 +141,8 @@ class StickySessions:
             decision = getattr(request.ctx, "flysticky", None) if route_hooks.present else None
             if decision is None:
                 headers = request.headers
-                cookies = headers.getall("cookie", None)
-                decision = decider.decide(
-                    request,
-                    cookies[0] if cookies and len(cookies) == 1 else join_cookie_headers(cookies),
-                    headers,
-                    is_websocket,
-                )
+                cookie = join_cookie_headers(headers.getall("cookie", None))
+                decision = decider.decide(request, cookie, headers, is_websocket)
                 if plugin._own_context and request._ctx is None:
                     request._ctx = SimpleNamespace(flysticky=decision)
                 else:
@@ -169,12 +165,11 @@ class StickySessions:
     def _wire(self, app: Sanic[Any, Any]) -> None:
         # Runs at every server start (sanic-testing's ASGI client starts the app for
         # each request), after Sanic has finalized routes and middleware.
-        machine_id = machine_id_from_env()
-        self._decider = Decider(self.config, machine_id) if machine_id else None
+        decider = self._decider = decider_for(self.config, os.environ.get("FLY_MACHINE_ID"))
         self._own_context = (
             "_ctx" in Request.__slots__ and app.request_class.make_context is Request.make_context
         )
-        on_fly = self._decider is not None
+        on_fly = decider is not None
         for route in app.router.routes:
             chain = route.extra.request_middleware
             app_hooks = any(m is not self._middleware for m in chain)
@@ -186,7 +181,7 @@ class StickySessions:
         # Used only for requests that match no route and errors raised before routing
         # finished; the pinned path never sees it.
         self._place_middleware(app.request_middleware, on_fly)
-        if on_fly:
-            log.debug("flysticky on for Sanic app %s as machine %s", app.name, machine_id)
+        if decider is not None:
+            log.debug("flysticky on for Sanic app %s as machine %s", app.name, decider.machine_id)
         else:
             log.debug("FLY_MACHINE_ID unset: flysticky does nothing on Sanic app %s", app.name)
