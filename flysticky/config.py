@@ -7,22 +7,36 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 #: The replay modes. ``prefer_instance`` lets Fly's proxy deliver the request to
 #: another machine when the pinned one is gone; ``instance`` is echofly's strict form.
 ReplayMode = Literal["prefer_instance", "instance"]
-REPLAY_MODES: tuple[str, ...] = ("prefer_instance", "instance")
+REPLAY_MODES: tuple[str, ...] = get_args(ReplayMode)
 SAME_SITE_VALUES: tuple[str, ...] = ("Lax", "Strict", "None")
 
-# RFC 6265 cookie-name = token (RFC 9110): visible ASCII minus separators.
+# RFC 6265 cookie-name = token (RFC 9110): visible ASCII minus separators. The one
+# copy of this grammar: the template's hook asks is_cookie_name() too.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+COOKIE_NAME_ALLOWED = "a non-empty cookie name of ASCII letters, digits and !#$%&'*+-.^_`|~"
 # A cookie attribute value may hold no control character and no ';' (RFC 6265 4.1.1).
 _ATTRIBUTE_VALUE = re.compile(r"[\x21-\x3a\x3c-\x7e]+")
 _DOMAIN = re.compile(
     r"\.?(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 )
+
+
+def is_cookie_name(value: object) -> bool:
+    """Whether ``value`` can name a cookie (an RFC 9110 token)."""
+    return isinstance(value, str) and _TOKEN.fullmatch(value) is not None
+
+
+def _is_async_callable(value: object) -> bool:
+    """An ``async def`` function, a partial of one, or an object whose ``__call__`` is."""
+    return inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(
+        getattr(value, "__call__", None)  # noqa: B004 - the method itself is inspected
+    )
 
 
 def _reject(field: str, value: object, allowed: str) -> ValueError:
@@ -37,28 +51,45 @@ class StickyConfig:
     Quart ``request`` or ``websocket``) and returns True to leave that request alone.
     """
 
+    #: The cookie holding the pinned machine id (also the replay cache's key in fly.toml).
     cookie_name: str = "fly-machine-id"
+    #: Cookie lifetime: a timedelta or whole seconds; None makes a browser-session cookie.
     max_age: timedelta | int | None = timedelta(days=6)
+    #: ``f(request) -> bool``, a plain function; True leaves that request alone.
     skipper: Callable[[Any], bool] | None = None
+    #: ``Secure``: None adds it when X-Forwarded-Proto says https (TLS ends at Fly's edge).
     secure: bool | None = None
+    #: ``SameSite``: "Lax", "Strict" or "None" (which needs secure=True).
     same_site: str = "Lax"
+    #: ``HttpOnly``: page scripts have no business reading the pin.
     http_only: bool = True
+    #: Cookie ``Path``.
     path: str = "/"
+    #: Cookie ``Domain``; None keeps the cookie to the host that set it.
     domain: str | None = None
+    #: The fly-replay field: "prefer_instance" heals when the machine is gone,
+    #: "instance" is echofly's strict form.
     replay_mode: ReplayMode = "prefer_instance"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.cookie_name, str) or not _TOKEN.fullmatch(self.cookie_name):
-            raise _reject(
-                "cookie_name",
-                self.cookie_name,
-                "a non-empty cookie name of ASCII letters, digits and !#$%&'*+-.^_`|~",
-            )
-        self._check_max_age()
+        if not is_cookie_name(self.cookie_name):
+            raise _reject("cookie_name", self.cookie_name, COOKIE_NAME_ALLOWED)
+        max_age = self.max_age
+        if max_age is not None:
+            if isinstance(max_age, timedelta):
+                seconds = max_age.total_seconds()
+            elif isinstance(max_age, int) and not isinstance(max_age, bool):
+                seconds = max_age
+            else:
+                raise _reject(
+                    "max_age", max_age, "a timedelta, whole seconds, or None for a session cookie"
+                )
+            if seconds <= 0 or seconds != int(seconds):
+                raise _reject("max_age", max_age, "a positive whole number of seconds, or None")
         if self.skipper is not None:
             if not callable(self.skipper):
                 raise _reject("skipper", self.skipper, "a function taking the request, or None")
-            if inspect.iscoroutinefunction(self.skipper):
+            if _is_async_callable(self.skipper):
                 raise _reject(
                     "skipper",
                     self.skipper,
@@ -90,25 +121,6 @@ class StickyConfig:
             raise _reject("domain", self.domain, "a host name such as 'example.com', or None")
         if self.replay_mode not in REPLAY_MODES:
             raise _reject("replay_mode", self.replay_mode, "'prefer_instance' or 'instance'")
-
-    def _check_max_age(self) -> None:
-        value = self.max_age
-        if value is None:
-            return
-        if isinstance(value, timedelta):
-            seconds = value.total_seconds()
-        elif isinstance(value, int) and not isinstance(value, bool):
-            seconds = value
-        else:
-            raise _reject(
-                "max_age",
-                value,
-                "a timedelta, a whole number of seconds, or None for a session cookie",
-            )
-        if seconds <= 0 or seconds != int(seconds):
-            raise _reject(
-                "max_age", value, "a positive whole number of seconds (None for a session cookie)"
-            )
 
     @property
     def max_age_seconds(self) -> int | None:

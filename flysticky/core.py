@@ -13,7 +13,8 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from inspect import isawaitable
+from typing import Any, NoReturn, Protocol
 
 from .config import StickyConfig
 
@@ -25,6 +26,9 @@ REPLAY_BODY_LIMIT = 1024 * 1024
 #: client never sees it. 307 with an empty body is Fly's convention.
 REPLAY_STATUS = 307
 REPLAY_HEADER = "fly-replay"
+#: The ``state`` a replay carries when our cookie arrived with two different values:
+#: it makes the replay one Fly's proxy does not cache.
+AMBIGUOUS_REPLAY_STATE = "state=flysticky-duplicate-cookie"
 #: Request headers Fly's proxy adds to a request it delivers by replay, by a
 #: replay-cache hit, to a substitute for an unavailable preferred machine, or by
 #: a fallback. Such a request is never replayed again.
@@ -137,10 +141,18 @@ def decider_for(config: StickyConfig, fly_machine_id: str | None) -> Decider | N
     return Decider(config, machine_id) if machine_id else None
 
 
+#: Malformed FLY_MACHINE_ID values already warned about: a test client that starts
+#: the app per request would otherwise log the same warning on every request.
+_warned_machine_ids: set[str] = set()
+
+
 def _checked_machine_id(value: str | None) -> str | None:
     if not value:
         return None
     if not is_machine_id(value):
+        if value in _warned_machine_ids:
+            return None
+        _warned_machine_ids.add(value)
         log.warning(
             "FLY_MACHINE_ID=%r is not a machine id (1-64 of A-Z a-z 0-9 - _); flysticky stays off",
             value,
@@ -179,22 +191,29 @@ def apply_stamp(decision: Decision, headers: ResponseHeaders) -> None:
         headers["cache-control"] = private_cache_control(headers.get("cache-control"))
 
 
-def _at_cookie_start(header: str, i: int) -> bool:
-    """Whether position ``i`` (> 0) of a Cookie header starts a cookie name, rather
-    than falling inside another cookie's name or value."""
-    before = header[i - 1]
-    if before == ";":
-        return True
-    if before not in " \t":
-        return False
-    if i == 1 or header[i - 2] == ";":  # the usual "; " separator
-        return True
-    return header[:i].rstrip(" \t")[-1:] in ("", ";")
+def cookie_values(cookie_header: str, name: str) -> list[str]:
+    """Every value of cookie ``name`` in a Cookie header, in order: the one parsing rule
+    flysticky has. Cookies are split on ";"; a name may follow spaces or tabs and ends
+    at the first "="; a value loses surrounding spaces, tabs and one pair of double
+    quotes (RFC 6265 4.1.1). One pass: linear in the header's size, whatever it holds.
+    """
+    values = []
+    for part in cookie_header.split(";"):
+        key, eq, value = part.partition("=")
+        if eq and key.lstrip(" \t") == name:
+            value = value.strip(" \t")
+            if len(value) >= 2 and value[0] == '"' == value[-1]:
+                value = value[1:-1]
+            values.append(value)
+    return values
 
 
 def _is_https(headers: HeaderLookup) -> bool:
     proto = headers.get("x-forwarded-proto")
     return proto is not None and proto.split(",", 1)[0].strip().lower() == "https"
+
+
+_LIMIT_DIGITS = len(str(REPLAY_BODY_LIMIT))
 
 
 def _body_replayable(headers: HeaderLookup) -> bool:
@@ -203,8 +222,12 @@ def _body_replayable(headers: HeaderLookup) -> bool:
         # HTTP/1.1: no Content-Length and no Transfer-Encoding means no body at all;
         # a chunked body has no length Fly can check, so it cannot be replayed.
         return headers.get("transfer-encoding") is None
-    length = length.strip()
-    return length.isascii() and length.isdigit() and int(length) <= REPLAY_BODY_LIMIT
+    digits = length.strip(" \t")
+    if not (digits.isascii() and digits.isdigit()):
+        return False
+    # Compared as text first: int() of a 5,000-digit string raises (Python's limit).
+    digits = digits.lstrip("0")
+    return len(digits) <= _LIMIT_DIGITS and int(digits or "0") <= REPLAY_BODY_LIMIT
 
 
 #: Replay decisions are kept per target machine, and pins per raw Cookie header
@@ -248,45 +271,42 @@ class Decider:
         # A websocket handshake is answered by the server's upgrade machinery, not by a
         # response flysticky can add to; the page that opened it sets the pin.
         self._stamped_websocket = Decision(Outcome.STAMPED, machine_id)
-        self._replays: dict[str, Decision] = {}
-        self._pins: dict[str, str | None] = {}
+        self._replays: dict[tuple[str, bool], Decision] = {}
+        self._reads: dict[str, tuple[str | None, bool]] = {}
 
     def read_pin(self, cookie_header: str) -> str | None:
-        """The first value of our cookie that is a valid machine id, or None.
+        """The machine the Cookie header pins this request to, or None.
 
-        One scan of the raw header for our cookie's name is far cheaper than parsing
-        the whole cookie jar; a value equal to this machine's id skips the grammar check.
+        The pin is the last value of our cookie that is a valid machine id. Browsers
+        list cookies of longer paths first and, for equal paths, older ones first, so a
+        stray duplicate (an old cookie for a parent domain, or for a deeper path)
+        usually comes before the one flysticky set; and every machine reads the same
+        header the same way, so a browser holding two values still sticks to one.
         """
-        name_eq = self._name_eq
-        after = len(name_eq)
-        i = cookie_header.find(name_eq)
-        while i >= 0:
-            if i == 0 or _at_cookie_start(cookie_header, i):
-                end = cookie_header.find(";", i + after)
-                value = cookie_header[i + after : end] if end >= 0 else cookie_header[i + after :]
-                if value == self.machine_id:
-                    return value
-                if value and (value[0] in ' \t"' or value[-1] in ' \t"'):
-                    value = value.strip(" \t")
-                    if len(value) >= 2 and value[0] == '"' == value[-1]:
-                        value = value[1:-1]
-                if _MACHINE_ID.fullmatch(value):
-                    return value
-            i = cookie_header.find(name_eq, i + 1)
-        return None
+        return self._read(cookie_header)[0]
 
-    def _remembered_pin(self, cookie_header: str) -> str | None:
-        pins = self._pins
+    def _read(self, cookie_header: str) -> tuple[str | None, bool]:
+        """The pin, and whether our cookie carried two different valid values."""
+        if self._name_eq not in cookie_header:
+            return None, False
+        valid = [v for v in cookie_values(cookie_header, self._name_eq[:-1]) if is_machine_id(v)]
+        if not valid:
+            return None, False
+        pin = valid[-1]
+        return pin, any(v != pin for v in valid)
+
+    def _remembered_read(self, cookie_header: str) -> tuple[str | None, bool]:
+        reads = self._reads
         try:
-            return pins[cookie_header]
+            return reads[cookie_header]
         except KeyError:
             pass
-        pin = self.read_pin(cookie_header)
+        read = self._read(cookie_header)
         if len(cookie_header) <= _PIN_CACHE_HEADER:
-            if len(pins) >= _PIN_CACHE_SIZE:
-                pins.clear()
-            pins[cookie_header] = pin
-        return pin
+            if len(reads) >= _PIN_CACHE_SIZE:
+                reads.clear()
+            reads[cookie_header] = read
+        return read
 
     def _stamped(self, headers: HeaderLookup, is_websocket: bool) -> Decision:
         """The stamp for this request: Secure behind https (or as configured)."""
@@ -297,15 +317,21 @@ class Decider:
             secure = _is_https(headers)
         return self._stamped_secure if secure else self._stamped_plain
 
-    def _replay(self, pin: str) -> Decision:
-        decision = self._replays.get(pin)
+    def _replay(self, pin: str, ambiguous: bool) -> Decision:
+        key = (pin, ambiguous)
+        decision = self._replays.get(key)
         if decision is None:
             if len(self._replays) >= _REPLAY_CACHE_SIZE:
                 self._replays.clear()
-            decision = Decision(
-                Outcome.REPLAYED, self.machine_id, pin, replay=self._replay_field + pin
-            )
-            self._replays[pin] = decision
+            replay = self._replay_field + pin
+            if ambiguous:
+                # Fly's replay cache keys on the cookie's value, and nothing says which
+                # of two duplicates it would take: a cached "A" answer for a request
+                # that also carried "B" could send every session of machine B to A.
+                # Fly does not cache a replay that carries `state`.
+                replay += ";" + AMBIGUOUS_REPLAY_STATE
+            decision = Decision(Outcome.REPLAYED, self.machine_id, pin, replay=replay)
+            self._replays[key] = decision
         return decision
 
     def decide(
@@ -316,27 +342,43 @@ class Decider:
         is_websocket: bool = False,
     ) -> Decision:
         """Decide one request. ``request`` is only handed to the skipper."""
-        if self._skipper is not None and self._skipper(request):
-            return self._skipped
-        pin = None
-        if cookie_header:
-            # The common case, inline: one find of "<name>=<this machine>" between
-            # cookie boundaries. A cookie naming this machine wins over any other (say,
-            # one set by a sibling domain); serving here is always safe. Not logged:
-            # it would flood DEBUG.
-            i = cookie_header.find(self._pin_here)
-            if i >= 0:
-                end = i + self._pin_length
-                if (i == 0 or cookie_header[i - 1] in "; \t") and (
-                    end == len(cookie_header) or cookie_header[end] in "; \t"
-                ):
-                    return self._pinned
-            pin = self._remembered_pin(cookie_header)
+        skipper = self._skipper
+        if skipper is not None:
+            skip = skipper(request)
+            if skip:
+                if skip is not True and isawaitable(skip):
+                    _refuse_awaitable(skipper, skip)
+                return self._skipped
+        if not cookie_header:
+            log.debug("stamped: no %s cookie, pinned to %s", self._name_eq[:-1], self.machine_id)
+            return self._stamped(headers, is_websocket)
+        # The common case, inline: the last "<name>=<this machine>" in the header is a
+        # whole cookie, and no other cookie of our name follows it. Anything less plain
+        # takes the full reading, which agrees with this on every header this accepts
+        # (tests/test_core.py checks it). Not logged: it would flood DEBUG.
+        i = cookie_header.rfind(self._pin_here)
+        if i >= 0:
+            end = i + self._pin_length
+            if (
+                end == len(cookie_header)
+                or (cookie_header[end] == ";" and cookie_header.find(self._name_eq, end) < 0)
+            ) and (
+                i == 0
+                or cookie_header[i - 1] == ";"
+                # "; " before it (at i == 1 this reads the last character: at worst a
+                # miss, and the full reading decides)
+                or (cookie_header[i - 1] == " " and cookie_header[i - 2] == ";")
+            ):
+                return self._pinned
+        pin, ambiguous = self._remembered_read(cookie_header)
         if pin is None:
             log.debug(
                 "stamped: no valid %s cookie, pinned to %s", self._name_eq[:-1], self.machine_id
             )
             return self._stamped(headers, is_websocket)
+        if pin == self.machine_id:
+            # A request is never replayed to the machine that received it.
+            return self._pinned
         for name in ARRIVAL_HEADERS:
             if name in headers:
                 # Replaying again could loop; and when the pinned machine is gone,
@@ -359,5 +401,15 @@ class Decider:
             log.debug("off_pin: body too big or of unknown length to replay to %s", pin)
             return Decision(Outcome.OFF_PIN, self.machine_id, pin)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("replayed: session pinned to %s", pin)
-        return self._replay(pin)
+            log.debug("replayed: session pinned to %s%s", pin, " (duplicate cookie)" * ambiguous)
+        return self._replay(pin, ambiguous)
+
+
+def _refuse_awaitable(skipper: object, result: Any) -> NoReturn:
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()  # no "coroutine was never awaited" warning on top of this error
+    raise TypeError(
+        f"StickyConfig.skipper={skipper!r} returned an awaitable: the skipper must be a "
+        "plain function returning a bool (it runs on every request, before any await)"
+    )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from flysticky import StickyConfig
+from flysticky.config import REPLAY_MODES, is_cookie_name
 
 
 def test_defaults_are_echoflys() -> None:
@@ -73,12 +75,28 @@ def test_bad_values_name_field_value_and_what_is_allowed(
     assert "allowed" in message
 
 
-def test_async_skipper_is_refused() -> None:
-    async def skipper(request: Any) -> bool:
+class _AsyncCallable:
+    async def __call__(self, request: Any) -> bool:
         return True
 
-    with pytest.raises(ValueError, match="plain"):
+
+async def _async_skipper(request: Any) -> bool:
+    return True
+
+
+@pytest.mark.parametrize(
+    "skipper",
+    [_async_skipper, _AsyncCallable(), functools.partial(_async_skipper)],
+    ids=["async def", "object with async __call__", "partial of async def"],
+)
+def test_async_skipper_is_refused(skipper: Any) -> None:
+    with pytest.raises(ValueError, match=r"skipper=.*plain"):
         StickyConfig(skipper=skipper)
+
+
+def test_replay_modes_follow_the_literal() -> None:
+    assert REPLAY_MODES == ("prefer_instance", "instance")
+    assert is_cookie_name("fly-machine-id") and not is_cookie_name("a b")
 
 
 @pytest.mark.parametrize(

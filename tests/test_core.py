@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -42,11 +44,134 @@ def test_pinned_decision_is_shared_and_carries_nothing_to_send() -> None:
     assert (first.set_cookie, first.replay, first.serve) == (None, None, True)
 
 
-def test_a_cookie_naming_this_machine_wins_over_others() -> None:
-    both = f"fly-machine-id={OTHER}; fly-machine-id={MACHINE}"
-    assert decide(both).outcome is Outcome.PINNED
-    assert decide(f"fly-machine-id=bad!; fly-machine-id={OTHER}").pinned_to == OTHER
-    assert decider.read_pin(both) == OTHER  # otherwise the first valid value is the pin
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        f"fly-machine-id= {MACHINE}",
+        f"fly-machine-id={MACHINE} ",
+        f'fly-machine-id="{MACHINE}"',
+        f'a=1;  fly-machine-id="{MACHINE}" ',
+        f"old-fly-machine-id={MACHINE}; fly-machine-id={MACHINE}",
+        f"fly-machine-id={MACHINE}!; fly-machine-id={MACHINE}",
+        f"fly-machine-id={MACHINE}X; fly-machine-id={MACHINE}",
+        f"a=1;\tfly-machine-id={MACHINE}",
+        f"x=fly-machine-id={MACHINE}; fly-machine-id={MACHINE}",
+        f"fly-machine-id={MACHINE}; fly-machine-id={MACHINE}",
+    ],
+)
+def test_a_request_is_never_replayed_to_the_machine_that_received_it(cookie: str) -> None:
+    decision = decide(cookie)
+    assert (decision.outcome, decision.replay, decision.set_cookie) == (Outcome.PINNED, None, None)
+
+
+@pytest.mark.parametrize(
+    ("cookie", "pin"),
+    [
+        (f"fly-machine-id={MACHINE}", MACHINE),
+        (f"fly-machine-id=bad!; fly-machine-id={OTHER}", OTHER),
+        (f"fly-machine-id={OTHER}; fly-machine-id=bad!", OTHER),
+        (f"xfly-machine-id={OTHER}", None),
+        (f"a=b fly-machine-id={OTHER}", None),
+        (f"fly-machine-id ={OTHER}", None),
+        (f"fly-machine-id={OTHER}; fly-machine-id={MACHINE}", MACHINE),
+        (f"fly-machine-id={MACHINE}; fly-machine-id={OTHER}", OTHER),
+    ],
+)
+def test_the_pin_is_the_last_valid_value(cookie: str, pin: str | None) -> None:
+    assert decider.read_pin(cookie) == pin
+
+
+def test_the_fast_path_agrees_with_the_full_reading() -> None:
+    fresh = Decider(StickyConfig(), MACHINE)
+    shapes = ["", " ", ";", "; ", ";  ", "a=1", "a=1; ", "a=1;", "x", "fly-machine-id=", '"']
+    values = [MACHINE, OTHER, f"{MACHINE}!", f" {MACHINE}", f'"{MACHINE}"', ""]
+    for before in shapes:
+        for value in values:
+            for after in shapes:
+                for extra in ("", f"; fly-machine-id={OTHER}", f"; fly-machine-id={MACHINE}"):
+                    header = f"{before}fly-machine-id={value}{after}{extra}"
+                    expected = fresh.read_pin(header) == MACHINE
+                    assert (fresh.decide(None, header, {}).outcome is Outcome.PINNED) is expected
+
+
+def test_duplicate_values_replay_in_a_form_fly_does_not_cache() -> None:
+    third = "0123456789abcd"
+    header = f"fly-machine-id={third}; fly-machine-id={OTHER}"
+    decision = decide(header)
+    assert decision.outcome is Outcome.REPLAYED
+    assert decision.replay == f"prefer_instance={OTHER};state=flysticky-duplicate-cookie"
+    # The same value twice is no ambiguity: the cacheable form.
+    assert decide(f"fly-machine-id={OTHER}; fly-machine-id={OTHER}").replay == (
+        f"prefer_instance={OTHER}"
+    )
+    # Every machine reads the header alike: the session sticks to the last value's machine.
+    assert Decider(StickyConfig(), OTHER).decide(None, header, {}).outcome is Outcome.PINNED
+    assert Decider(StickyConfig(), third).decide(None, header, {}).replay == decision.replay
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "a fly-machine-id=" * 60_000,
+        "fly-machine-id=" * 60_000,
+        f"fly-machine-id={MACHINE}X" * 60_000,
+        ";" * 1_000_000,
+        " " * 1_000_000 + f"fly-machine-id={OTHER}",
+        "fly-machine-id=" + "a" * 1_000_000,
+    ],
+)
+def test_a_decision_is_linear_in_the_header(hostile: str) -> None:
+    plain = "; ".join(f"c{i}=" + "v" * 40 for i in range(len(hostile) // 45))[: len(hostile)]
+
+    def cost(header: str) -> float:
+        best = float("inf")
+        for _ in range(3):
+            fresh = Decider(StickyConfig(), MACHINE)
+            start = time.perf_counter()
+            fresh.decide(None, header, {})
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    # A plain header of the same size is the yardstick; quadratic work on 1 MB is
+    # hundreds of times slower, linear work a small factor at most.
+    assert cost(hostile) < 20 * cost(plain) + 0.005
+
+
+@pytest.mark.parametrize(
+    ("length", "outcome"),
+    [
+        ("9" * 5000, Outcome.OFF_PIN),
+        ("0" * 5000 + "12", Outcome.REPLAYED),
+        ("", Outcome.OFF_PIN),
+        ("  ", Outcome.OFF_PIN),
+        ("0001048577", Outcome.OFF_PIN),
+        ("+5", Outcome.OFF_PIN),
+        ("1_000", Outcome.OFF_PIN),
+    ],
+)
+def test_any_content_length_is_a_number_or_not(length: str, outcome: Outcome) -> None:
+    assert decide(f"fly-machine-id={OTHER}", content_length=length).outcome is outcome
+
+
+def test_a_skipper_that_returns_an_awaitable_is_an_error_naming_it() -> None:
+    async def check(request: object) -> bool:
+        return True
+
+    def sneaky(request: object) -> Any:
+        return check(request)
+
+    sneaky_decider = Decider(StickyConfig(skipper=sneaky), MACHINE)
+    with pytest.raises(TypeError, match=r"skipper=<function .*sneaky.* returned an awaitable"):
+        sneaky_decider.decide(None, None, {})
+    skipping = Decider(StickyConfig(skipper=lambda r: True), MACHINE)
+    assert skipping.decide(None, None, {}).outcome is Outcome.SKIPPED
+
+
+def test_a_malformed_machine_id_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    value = f"bad id {time.time_ns()}"
+    for _ in range(3):
+        assert machine_id_from_env({"FLY_MACHINE_ID": value}.get) is None
+    assert [r.levelname for r in caplog.records if value in r.getMessage()] == ["WARNING"]
 
 
 def test_websocket_is_never_stamped_but_is_replayed() -> None:
@@ -76,11 +201,11 @@ def test_remembered_pins_are_bounded() -> None:
     fresh = Decider(StickyConfig(), MACHINE)
     for n in range(10_000):
         assert fresh.decide(None, f"fly-machine-id=m{n}", {}).pinned_to == f"m{n}"
-    assert 0 < len(fresh._pins) <= 4096
+    assert 0 < len(fresh._reads) <= 4096
     assert len(fresh._replays) <= 1024
     long = "x=" + "y" * 2000 + f"; fly-machine-id={OTHER}"
     assert fresh.decide(None, long, {}).replay == f"prefer_instance={OTHER}"
-    assert long not in fresh._pins  # long headers are not kept
+    assert long not in fresh._reads  # long headers are not kept
 
 
 def test_header_table_reads_first_values_case_insensitively_once() -> None:
