@@ -4,16 +4,22 @@ flysticky decides in the app's own preprocessing step, before its
 ``url_value_preprocessors`` and ``before_request``/``before_websocket`` functions, so
 a due replay is answered before any app hook runs. The Set-Cookie is added by a
 per-request ``after_this_request``, so the pinned path adds no hook at all.
+
+Framework internals touched (the one place; checked on Quart 0.19.9 to 0.23.1 by the
+version matrix): ``Quart.preprocess_request`` and ``Quart.preprocess_websocket`` are
+replaced on the app instance. Their argument changed in 0.23 (a RequestContext or
+WebsocketContext before, the merged AppContext since); both have ``.request`` /
+``.websocket``, and without an argument the public ``request``/``websocket`` proxies
+give the same object.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from quart import Quart, Response, after_this_request, g
-from quart.ctx import RequestContext, WebsocketContext
-from quart.globals import request_ctx, websocket_ctx
+from quart import Quart, Response, after_this_request, g, request, websocket
 from quart.typing import ResponseReturnValue
 from werkzeug.datastructures import Headers
 from werkzeug.wrappers import Response as WerkzeugResponse
@@ -43,7 +49,7 @@ class StickySessions:
 
     def __init__(self, app: Quart | None = None, config: StickyConfig | None = None) -> None:
         self.config = config if config is not None else StickyConfig()
-        self._env_value: str | None = None
+        self._env_value: str | None = None  # the FLY_MACHINE_ID the decider was made for
         self._decider: Decider | None = None
         self._serving = False
         if app is not None:
@@ -56,27 +62,35 @@ class StickySessions:
         # Deciding inside the app's own preprocessing step puts flysticky before its
         # url_value_preprocessors and before_request/before_websocket functions
         # (blueprints' included), and costs less than one more hook in those lists.
-        preprocess_request = app.preprocess_request
-        preprocess_websocket = app.preprocess_websocket
-
-        async def sticky_preprocess_request(
-            request_context: RequestContext | None = None,
-        ) -> ResponseReturnValue | None:
-            target = (request_context or request_ctx).request
-            replay = self._decide(target, target.headers, False)
-            return replay if replay is not None else await preprocess_request(request_context)
-
-        async def sticky_preprocess_websocket(
-            websocket_context: WebsocketContext | None = None,
-        ) -> ResponseReturnValue | None:
-            target = (websocket_context or websocket_ctx).websocket
-            replay = self._decide(target, target.headers, True)
-            return replay if replay is not None else await preprocess_websocket(websocket_context)
-
-        app.preprocess_request = sticky_preprocess_request  # type: ignore[method-assign]
-        app.preprocess_websocket = sticky_preprocess_websocket  # type: ignore[method-assign]
+        # Typed as Any: the methods' signatures differ between Quart versions.
+        target: Any = app
+        target.preprocess_request = self._preprocessor(app.preprocess_request, "request", False)
+        target.preprocess_websocket = self._preprocessor(
+            app.preprocess_websocket, "websocket", True
+        )
         app.before_serving(self._start_serving)
         app.after_serving(self._stop_serving)
+
+    def _preprocessor(
+        self,
+        preprocess: Callable[..., Awaitable[ResponseReturnValue | None]],
+        kind: str,
+        is_websocket: bool,
+    ) -> Callable[..., Awaitable[ResponseReturnValue | None]]:
+        proxy: Any = websocket if is_websocket else request
+
+        async def sticky_preprocess(
+            context: Any = None, /, *args: Any, **kwargs: Any
+        ) -> ResponseReturnValue | None:
+            target = getattr(context, kind) if context is not None else proxy._get_current_object()
+            replay = self._decide(target, target.headers, is_websocket)
+            if replay is not None:
+                return replay
+            if context is None:
+                return await preprocess(*args, **kwargs)
+            return await preprocess(context, *args, **kwargs)
+
+        return sticky_preprocess
 
     async def _start_serving(self) -> None:
         self._serving = False
@@ -92,7 +106,7 @@ class StickySessions:
         if self._serving:
             return self._decider
         value = os.environ.get("FLY_MACHINE_ID")
-        if value != self._env_value or self._decider is None:
+        if value != self._env_value:
             self._env_value = value
             self._decider = decider_for(self.config, value)
         return self._decider

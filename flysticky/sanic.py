@@ -19,7 +19,7 @@ from typing import Any
 
 from sanic import Request, Sanic
 from sanic.middleware import Middleware, MiddlewareLocation
-from sanic.response import BaseHTTPResponse, HTTPResponse
+from sanic.response import BaseHTTPResponse, HTTPResponse, ResponseStream
 
 from .config import StickyConfig
 from .core import (
@@ -41,7 +41,9 @@ _WRAPPED = "__flysticky_wrapped__"
 async def _stamped(response: Any, decision: Decision) -> Any:
     if isawaitable(response):
         response = await response
-    if isinstance(response, BaseHTTPResponse):
+    # ResponseStream (file_stream, large static files) sends its headers only once
+    # Sanic streams it, after the handler returns: still time to stamp.
+    if isinstance(response, BaseHTTPResponse | ResponseStream):
         apply_stamp(decision, response.headers)
     return response
 
@@ -106,16 +108,24 @@ class StickySessions:
         app.ctx.flysticky = self
         app.register_listener(self._wire, "before_server_start")
 
+    def _decide(self, decider: Decider, request: Request, is_websocket: bool) -> Decision:
+        """Decide ``request`` and keep the decision in ``request.ctx.flysticky``."""
+        headers = request.headers
+        cookie = join_cookie_headers(headers.getall("cookie", None))
+        decision = decider.decide(request, cookie, headers, is_websocket)
+        if self._own_context and request._ctx is None:
+            request._ctx = SimpleNamespace(flysticky=decision)
+        else:
+            request.ctx.flysticky = decision
+        return decision
+
     async def _request_middleware(self, request: Request) -> HTTPResponse | None:
         decider = self._decider
         if decider is None or current_decision(request) is not None:
             return None
         handler = request.route.handler if request.route is not None else None
         is_websocket = hasattr(handler, "is_websocket")
-        headers = request.headers
-        cookie = join_cookie_headers(headers.getall("cookie", None))
-        decision = decider.decide(request, cookie, headers, is_websocket)
-        request.ctx.flysticky = decision
+        decision = self._decide(decider, request, is_websocket)
         if decision.replay is None:
             return None
         return _replay_response(request, decision.replay, is_websocket)
@@ -140,13 +150,7 @@ class StickySessions:
             # On a route with app request hooks, flysticky's middleware decided first.
             decision = getattr(request.ctx, "flysticky", None) if route_hooks.present else None
             if decision is None:
-                headers = request.headers
-                cookie = join_cookie_headers(headers.getall("cookie", None))
-                decision = decider.decide(request, cookie, headers, is_websocket)
-                if plugin._own_context and request._ctx is None:
-                    request._ctx = SimpleNamespace(flysticky=decision)
-                else:
-                    request.ctx.flysticky = decision
+                decision = plugin._decide(decider, request, is_websocket)
                 if decision.replay is not None:
                     return _replay_response(request, decision.replay, is_websocket)
             if decision.set_cookie is None:

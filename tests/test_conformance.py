@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -345,3 +346,17 @@ async def test_malformed_machine_id_turns_flysticky_off(
     assert reply.status == 200
     assert reply.header("set-cookie") is None
     assert reply.header("fly-replay") is None
+
+
+async def test_a_malformed_machine_id_warns_once_under_the_test_client(
+    framework: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Both test clients make the adapter read FLY_MACHINE_ID per request.
+    value = f"not an id {uuid.uuid4().hex}"
+    monkeypatch.setenv("FLY_MACHINE_ID", value)
+    harness = HARNESSES[framework](None)
+    for _ in range(3):
+        reply = await harness.request("GET", "/", {"cookie": f"fly-machine-id={OTHER}"})
+        assert reply.status == 200  # flysticky stays off
+    warnings = [r for r in caplog.records if value in r.getMessage()]
+    assert [r.levelname for r in warnings] == ["WARNING"]

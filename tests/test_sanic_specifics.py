@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pathlib
 import uuid
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from sanic import Request, Sanic, json
+from sanic.response import ResponseStream, file_stream
 from sanic_testing.testing import SanicASGITestClient
 
 from flysticky.sanic import StickySessions, current_decision
@@ -71,3 +73,45 @@ async def test_app_factory_style(on_fly: str) -> None:
         "/", headers={"cookie": f"fly-machine-id={OTHER}"}
     )
     assert response.status_code == 307
+
+
+def test_streamed_responses_are_stamped_on_a_real_server(
+    on_fly: str, tmp_path: pathlib.Path
+) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * 300_000)
+    app: Sanic[Any, Any] = Sanic(f"stream_{uuid.uuid4().hex[:8]}")
+    app.static("/static", str(tmp_path), stream_large_files=1000)
+
+    @app.get("/stream")
+    async def stream(request: Request) -> ResponseStream:
+        async def body(response: Any) -> None:
+            await response.write("a")
+            await response.write("b")
+
+        return ResponseStream(body, content_type="text/plain")
+
+    @app.get("/file")
+    async def file(request: Request) -> Any:
+        return await file_stream(big, chunk_size=4096)
+
+    @app.get("/respond")
+    async def respond(request: Request) -> None:
+        response = await request.respond(content_type="text/plain")
+        await response.send("streamed")
+        await response.eof()
+
+    StickySessions(app)
+    stamp = f"fly-machine-id={MACHINE}; Max-Age=518400; Path=/; HttpOnly; SameSite=Lax"
+    for path, size in (("/stream", 2), ("/file", 300_000), ("/static/big.bin", 300_000)):
+        _, response = app.test_client.get(path)
+        assert (response.status_code, len(response.content)) == (200, size), path
+        assert response.headers.get_list("set-cookie") == [stamp], path
+        assert response.headers["cache-control"] == "private", path
+        _, replayed = app.test_client.get(path, headers={"cookie": f"fly-machine-id={OTHER}"})
+        assert replayed.status_code == 307, path
+    # The one shape left unstamped (README): headers sent by request.respond() inside
+    # the handler are gone before flysticky sees anything. Served, never replayed late.
+    _, response = app.test_client.get("/respond")
+    assert (response.status_code, response.text) == (200, "streamed")
+    assert "set-cookie" not in response.headers
