@@ -83,6 +83,14 @@ class Decision:
     """The verdict on one request, as handlers see it (Sanic ``request.ctx.flysticky``,
     Quart ``g.flysticky``).
 
+    ``pinned_to`` is the machine the cookie names: the last valid value of the cookie
+    when it arrived more than once (a stray duplicate for a parent domain or a deeper
+    path sorts first), so every machine reads a browser's header alike and it sticks to
+    one. A replay is never aimed at ``machine_id`` itself. When the cookie carried two
+    different valid values, ``replay`` ends in ``;state=flysticky-duplicate-cookie``:
+    Fly's replay cache keys on the cookie's value and does not keep a replay that
+    carries ``state``, so such a request cannot move other sessions' cache entries.
+
     ``set_cookie`` and ``replay`` are complete header values for the adapter to send.
     """
 

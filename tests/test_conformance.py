@@ -92,6 +92,40 @@ async def test_cookie_naming_another_machine_is_replayed_at_once(
     assert reply.ran == []  # neither the app's request hook nor the handler
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"fly-machine-id= {MACHINE}",
+        f'fly-machine-id="{MACHINE}"',
+        f"old-fly-machine-id={MACHINE}; fly-machine-id={MACHINE}",
+        f"fly-machine-id={MACHINE}!; fly-machine-id={MACHINE}",
+        f"fly-machine-id={OTHER}; fly-machine-id={MACHINE}",
+    ],
+)
+async def test_never_replayed_to_the_machine_that_received_it(
+    make: MakeHarness, header: str
+) -> None:
+    reply = await make().request("GET", "/", {"cookie": header})
+    assert (reply.status, reply.header("fly-replay"), reply.header("set-cookie")) == (
+        200,
+        None,
+        None,
+    )
+    assert reply.decision["outcome"] == "pinned"
+
+
+async def test_two_values_replay_to_the_last_in_a_form_fly_does_not_cache(
+    make: MakeHarness,
+) -> None:
+    third = "0123456789abcd"
+    reply = await make().request(
+        "GET", "/", {"cookie": f"fly-machine-id={third}; fly-machine-id={OTHER}"}
+    )
+    assert reply.status == 307
+    assert reply.all("fly-replay") == [f"prefer_instance={OTHER};state=flysticky-duplicate-cookie"]
+    assert reply.ran == []
+
+
 async def test_strict_mode_sends_echoflys_header(make: MakeHarness) -> None:
     reply = await make(StickyConfig(replay_mode="instance")).request("GET", "/", cookie(OTHER))
     assert reply.status == 307
