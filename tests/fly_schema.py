@@ -64,6 +64,15 @@ HTTP_SERVICE = {
     "machine_checks",
 }
 CONCURRENCY = {"type", "hard_limit", "soft_limit"}
+DEPLOY = {
+    "release_command",
+    "release_command_timeout",
+    "release_command_vm",
+    "strategy",
+    "max_unavailable",
+    "wait_timeout",
+}
+RESTART = {"policy", "retries", "processes"}
 HTTP_CHECK = {
     "interval",
     "timeout",
@@ -99,6 +108,14 @@ VM = {
     "kernel_args",
 }
 DURATION = re.compile(r"(\d+(ms|s|m|h))+")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
+def duration_seconds(text: str) -> float | None:
+    """A Go-style duration such as "10s" or "1m30s" in seconds; None if it is not one."""
+    if not DURATION.fullmatch(text):
+        return None
+    return sum(int(n) * _UNIT_SECONDS[unit] for n, unit in re.findall(r"(\d+)(ms|s|m|h)", text))
 
 
 def _keys(where: str, table: Any, known: set[str], problems: list[str]) -> None:
@@ -118,6 +135,19 @@ def problems(config: dict[str, Any]) -> list[str]:
     if not re.fullmatch(r"[a-z]{3}", str(config.get("primary_region", ""))):
         found.append("primary_region: a 3-letter region code")
     _keys("build", config.get("build", {}), BUILD, found)
+    deploy = config.get("deploy", {})
+    _keys("deploy", deploy, DEPLOY, found)
+    if deploy.get("strategy", "rolling") not in ("rolling", "immediate", "canary", "bluegreen"):
+        found.append("deploy.strategy: rolling, immediate, canary or bluegreen")
+    for i, restart in enumerate(config.get("restart", [])):
+        _keys(f"restart[{i}]", restart, RESTART, found)
+        if restart.get("policy") not in ("always", "never", "on-failure"):
+            found.append(f"restart[{i}].policy: always, never or on-failure")
+    if "kill_timeout" in config:
+        timeout = config["kill_timeout"]
+        seconds = timeout if isinstance(timeout, int) else duration_seconds(str(timeout))
+        if seconds is None or not 1 <= seconds <= 300:
+            found.append(f"kill_timeout={timeout!r}: 1 to 300 seconds (Fly's maximum)")
     env = config.get("env", {})
     if not all(isinstance(v, str) for v in env.values()):
         found.append("env values must be strings")
@@ -164,4 +194,10 @@ def problems(config: dict[str, Any]) -> list[str]:
             found.append(f"vm[{i}].cpu_kind: shared or performance")
         if not re.fullmatch(r"\d+(mb|gb)", str(vm.get("memory", "256mb"))):
             found.append(f"vm[{i}].memory: such as 512mb or 1gb")
+        memory = re.fullmatch(r"(\d+)(mb|gb)", str(vm.get("memory", "256mb")))
+        megabytes = int(memory[1]) * (1024 if memory[2] == "gb" else 1) if memory else 0
+        if service.get("auto_stop_machines") == "suspend" and megabytes > 2048:
+            found.append(f"vm[{i}].memory: suspend needs 2 GB or less")
+    if service.get("auto_stop_machines") == "suspend" and config.get("swap_size_mb"):
+        found.append("swap_size_mb: suspend needs no swap")
     return found

@@ -1,61 +1,74 @@
-"""Refuse bad answers before anything is written, saying what to type instead."""
+"""Refuse bad answers before anything is written, saying what to type instead.
+
+Regions and the cookie-name grammar are flysticky's own (flysticky.regions,
+flysticky.config): the flysticky this template ships with is found first.
+"""
 
 import keyword
 import re
 import sys
+from pathlib import Path
 
-# Fly.io regions (fly platform regions), plus nothing else: a typo here would
-# only surface at `fly launch`.
-REGIONS = {
-    "ams", "arn", "atl", "bog", "bom", "bos", "cdg", "den", "dfw", "ewr", "eze", "fra",
-    "gdl", "gig", "gru", "hkg", "iad", "jnb", "lax", "lhr", "mad", "mia", "nrt", "ord",
-    "otp", "phx", "qro", "scl", "sea", "sin", "sjc", "syd", "waw", "yul", "yyz",
-}
-PYTHON_VERSIONS = ("3.11", "3.12", "3.13")
-FRAMEWORKS = ("sanic", "quart")
+# This template's own flysticky: the installed package that holds it (flysticky/template)
+# or the checkout that holds it (template/ beside flysticky/). post_gen_project.py does the same.
+TEMPLATE = Path({{ cookiecutter._repo_dir | tojson }})
+for root in (TEMPLATE.parent.parent, TEMPLATE.parent):
+    if (root / "flysticky" / "__init__.py").is_file():
+        sys.path.insert(0, str(root))
+        break
+try:
+    from flysticky.config import is_cookie_name
+    from flysticky.regions import region_problem
+except (ImportError, SyntaxError):
+    sys.exit(
+        f"Cannot generate the project: {sys.executable} cannot import flysticky and {TEMPLATE} "
+        "is not inside a flysticky checkout; run `pip install 'flysticky[template]'` (or "
+        "`pip install -e '<checkout>[template]'`) and then `flysticky new`"
+    )
+
+REQUIREMENT = re.compile(
+    r"flysticky(?:\s*@\s*\S+|\s*(?:===|==|~=|!=|<=|>=|<|>)\s*[\w.*+!-]+"
+    r"(?:\s*,\s*(?:===|==|~=|!=|<=|>=|<|>)\s*[\w.*+!-]+)*)?"
+)
 
 answers = {
+    "project_name": {{ cookiecutter.project_name | tojson }},
     "project_slug": {{ cookiecutter.project_slug | tojson }},
     "fly_app_name": {{ cookiecutter.fly_app_name | tojson }},
-    "framework": {{ cookiecutter.framework | tojson }},
     "primary_region": {{ cookiecutter.primary_region | tojson }},
     "cookie_name": {{ cookiecutter.cookie_name | tojson }},
-    "python_version": {{ cookiecutter.python_version | tojson }},
     "flysticky_requirement": {{ cookiecutter.flysticky_requirement | tojson }},
 }
 errors = []
 
+name = answers["project_name"]
+if not name.strip() or not name.isprintable():
+    errors.append(f"project_name={name!r}: one line of printable text, such as Sticky Demo")
 slug = answers["project_slug"]
-if not slug.isidentifier() or keyword.iskeyword(slug) or not slug.islower():
+if not slug.isidentifier() or not slug.isascii() or keyword.iskeyword(slug) or not slug.islower():
     errors.append(
-        f"project_slug={slug!r}: use a lowercase Python identifier, such as sticky_demo"
+        f"project_slug={slug!r}: use a lowercase ASCII Python identifier, such as sticky_demo"
     )
 app = answers["fly_app_name"]
 if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", app):
     errors.append(
         f"fly_app_name={app!r}: Fly app names are lowercase letters, digits and dashes "
-        "(not at either end, at most 63), such as sticky-demo"
+        "(not at either end, at most 63), such as sticky-demo-x7k2pq"
     )
-if answers["framework"] not in FRAMEWORKS:
-    errors.append(f"framework={answers['framework']!r}: choose sanic or quart")
-region = answers["primary_region"]
-if region not in REGIONS:
+problem = region_problem(answers["primary_region"])
+if problem is not None:
+    errors.append(f"primary_region: {problem}")
+if not is_cookie_name(answers["cookie_name"]):
     errors.append(
-        f"primary_region={region!r}: use a Fly region code such as iad, ams, sjc "
-        f"(known: {', '.join(sorted(REGIONS))})"
-    )
-if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", answers["cookie_name"]):
-    errors.append(
-        f"cookie_name={answers['cookie_name']!r}: a cookie name of letters, digits and "
+        f"cookie_name={answers['cookie_name']!r}: a cookie name of ASCII letters, digits and "
         "!#$%&'*+-.^_`|~, such as fly-machine-id"
     )
-if answers["python_version"] not in PYTHON_VERSIONS:
+requirement = answers["flysticky_requirement"]
+if requirement != "vendor" and not REQUIREMENT.fullmatch(requirement):
     errors.append(
-        f"python_version={answers['python_version']!r}: supported are "
-        + ", ".join(PYTHON_VERSIONS)
+        f"flysticky_requirement={requirement!r}: vendor (ship this flysticky in vendor/), or "
+        "flysticky with a version, such as flysticky>=0.2 (the framework extra is added for you)"
     )
-if not answers["flysticky_requirement"].strip() or "\n" in answers["flysticky_requirement"]:
-    errors.append("flysticky_requirement: one requirement line, such as flysticky>=0.1")
 
 if errors:
     print("Cannot generate the project:", file=sys.stderr)

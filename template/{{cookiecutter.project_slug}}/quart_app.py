@@ -1,9 +1,10 @@
-"""{{ cookiecutter.project_name }}: a Quart app whose sessions stick to one Fly machine."""
+"""The Quart app: its sessions stick to one Fly machine."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 
 from flysticky import StickyConfig
 from flysticky.quart import StickySessions, current_decision
@@ -16,11 +17,33 @@ app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
 StickySessions(
     app,
     StickyConfig(
-        cookie_name="{{ cookiecutter.cookie_name }}",
+        cookie_name={{ cookiecutter.cookie_name | tojson }},
         skipper=lambda request: request.path == "/health",
     ),
 )
 visits = page.Visits()
+# Seconds a stopping server gives requests in flight: well within fly.toml's kill_timeout.
+GRACE = 5
+
+
+class OpenSockets:
+    """The websocket handlers running now. A stopping server closes them with 1001 (going
+    away) so that pages reconnect, to a live machine; left open, Hypercorn waits for them
+    past its graceful_timeout (on Python 3.12 it never exits) and Fly kills the machine."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[object]] = set()
+        self.closing = False
+
+    async def close_all(self) -> None:
+        self.closing = True
+        for task in self.tasks:
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=GRACE)
+
+
+sockets = OpenSockets()
 
 
 def visit() -> tuple[dict[str, object], str | None]:
@@ -63,9 +86,30 @@ async def upload() -> Response:
 
 @app.websocket("/ws")
 async def feed() -> None:
-    await websocket.send(page.hello())
-    while True:
-        await websocket.send(page.pong(await websocket.receive()))
+    task = asyncio.current_task()
+    assert task is not None
+    sockets.tasks.add(task)
+    try:
+        await websocket.send(page.hello())
+        while True:
+            await websocket.send(page.pong(await websocket.receive()))
+    except asyncio.CancelledError:
+        if sockets.closing:
+            await websocket.close(1001, "server stopping")
+        raise
+    finally:
+        sockets.tasks.discard(task)
+
+
+async def until_stopped() -> None:
+    """Hypercorn's shutdown trigger: Fly's kill_signal (SIGINT) or SIGTERM, then the
+    websockets are closed before Hypercorn stops serving."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(number, stop.set)
+    await stop.wait()
+    await sockets.close_all()
 
 
 if __name__ == "__main__":
@@ -76,4 +120,5 @@ if __name__ == "__main__":
     config = Config()
     config.bind = [f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8080')}"]
     config.accesslog = None
-    asyncio.run(serve(app, config))  # type: ignore[arg-type]
+    config.graceful_timeout = GRACE
+    asyncio.run(serve(app, config, shutdown_trigger=until_stopped))  # type: ignore[arg-type]

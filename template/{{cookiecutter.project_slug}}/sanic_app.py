@@ -1,4 +1,4 @@
-"""{{ cookiecutter.project_name }}: a Sanic app whose sessions stick to one Fly machine."""
+"""The Sanic app: its sessions stick to one Fly machine."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ from sanic.response import HTTPResponse
 
 import page
 
-app = Sanic("{{ cookiecutter.project_slug }}")
+app = Sanic({{ cookiecutter.project_slug | tojson }})
 app.config.REQUEST_MAX_SIZE = 16 * 1024 * 1024
+# On SIGINT (fly.toml's kill_signal) Sanic closes open websockets with 1000, so pages
+# reconnect, and gives requests in flight this long: well within fly.toml's kill_timeout.
+app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 5
 StickySessions(
     app,
     StickyConfig(
-        cookie_name="{{ cookiecutter.cookie_name }}",
+        cookie_name={{ cookiecutter.cookie_name | tojson }},
         skipper=lambda request: request.path == "/health",
     ),
 )

@@ -3,7 +3,7 @@
 from app import app
 from tests.conftest import MACHINE, OTHER
 
-COOKIE = "{{ cookiecutter.cookie_name }}"
+COOKIE = {{ cookiecutter.cookie_name | tojson }}
 
 
 async def test_health_is_not_sticky() -> None:

@@ -6,7 +6,7 @@ from sanic_testing.testing import SanicASGITestClient
 from app import app
 from tests.conftest import MACHINE, OTHER
 
-COOKIE = "{{ cookiecutter.cookie_name }}"
+COOKIE = {{ cookiecutter.cookie_name | tojson }}
 
 
 @pytest.fixture
