@@ -272,7 +272,8 @@ class Decider:
             attributes += "; HttpOnly"
         attributes += f"; SameSite={config.same_site}"
         stamp = f"{config.cookie_name}={machine_id}{attributes}"
-        self._pinned = Decision(Outcome.PINNED, machine_id, machine_id)
+        #: The one Decision every request pinned here gets: shared, never changed.
+        self.pinned = Decision(Outcome.PINNED, machine_id, machine_id)
         self._skipped = Decision(Outcome.SKIPPED, machine_id)
         self._stamped_plain = Decision(Outcome.STAMPED, machine_id, None, stamp)
         self._stamped_secure = Decision(Outcome.STAMPED, machine_id, None, stamp + "; Secure")
@@ -377,7 +378,7 @@ class Decider:
                 # miss, and the full reading decides)
                 or (cookie_header[i - 1] == " " and cookie_header[i - 2] == ";")
             ):
-                return self._pinned
+                return self.pinned
         pin, ambiguous = self._remembered_read(cookie_header)
         if pin is None:
             log.debug(
@@ -386,7 +387,7 @@ class Decider:
             return self._stamped(headers, is_websocket)
         if pin == self.machine_id:
             # A request is never replayed to the machine that received it.
-            return self._pinned
+            return self.pinned
         for name in ARRIVAL_HEADERS:
             if name in headers:
                 # Replaying again could loop; and when the pinned machine is gone,

@@ -5,6 +5,17 @@ path does not use it. At server start each route handler is wrapped to decide
 first; only where the app already runs request middleware on a route (or for a
 request that matches no route) does flysticky add a request middleware, placed
 first, so that no app hook runs before a due replay.
+
+The pinned path stores nothing: creating ``request.ctx`` was its largest cost. The
+app's request class is swapped at start for a subclass whose context class carries
+the pinned decision as a class attribute, so ``request.ctx.flysticky`` reads it when
+the handler asks; every other decision is stored on the request as before.
+
+Framework internals touched (the one place; checked on Sanic 23.12 to 25.12 by the
+version matrix): ``route.handler`` is replaced by a wrapper and flysticky's middleware
+is placed in ``route.extra.request_middleware`` and ``app.request_middleware``; the
+request context is created through the ``_ctx`` slot; ``app.request_class`` is
+replaced by a subclass when the app uses Sanic's own ``make_context``.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from inspect import isawaitable
 from types import SimpleNamespace
 from typing import Any
 
+from multidict import CIMultiDict, istr
 from sanic import Request, Sanic
 from sanic.middleware import Middleware, MiddlewareLocation
 from sanic.response import BaseHTTPResponse, HTTPResponse, ResponseStream
@@ -27,6 +39,7 @@ from .core import (
     REPLAY_STATUS,
     Decider,
     Decision,
+    Outcome,
     apply_stamp,
     decider_for,
     join_cookie_headers,
@@ -36,6 +49,10 @@ from .core import (
 __all__ = ["StickySessions", "current_decision"]
 
 _WRAPPED = "__flysticky_wrapped__"
+#: Sanic's Header class defines __getattr__, which makes every method lookup on it
+#: slow; the multidict method called directly, with a ready-folded key, is not.
+_COOKIE = istr("cookie")
+_getall = CIMultiDict.getall
 
 
 async def _stamped(response: Any, decision: Decision) -> Any:
@@ -48,16 +65,51 @@ async def _stamped(response: Any, decision: Decision) -> Any:
     return response
 
 
-class _RouteHooks:
-    """Whether a wrapped handler serves a route where app request hooks run, so that
-    flysticky's first-placed middleware has already decided."""
+class _Wrapped:
+    """What a wrapper knows of the handler it wraps, kept on the wrapper itself."""
 
-    present = False
+    __slots__ = ("handler", "has_params", "hooked")
+
+    def __init__(self, handler: Callable[..., Any], has_params: bool) -> None:
+        self.handler = handler
+        self.has_params = has_params
+        # Whether a route it serves runs app request hooks, so that flysticky's
+        # first-placed middleware has already decided.
+        self.hooked = False
 
 
 def current_decision(request: Request) -> Decision | None:
     """The decision flysticky made for ``request``; None off Fly."""
     return getattr(request.ctx, "flysticky", None)
+
+
+class _ImplicitDecision:
+    """``flysticky`` on the context class: the plugin's implicit (pinned) decision. A
+    non-data descriptor, so a decision stored on a context overrides it."""
+
+    def __init__(self, plugin: StickySessions) -> None:
+        self._plugin = plugin
+
+    def __get__(self, context: object, owner: type | None = None) -> Decision | None:
+        return self._plugin._implicit
+
+
+def _pinned_request_class(base: type[Request], plugin: StickySessions) -> type[Request]:
+    """``base`` whose lazily made context already knows the pinned decision."""
+
+    class PinnedContext(SimpleNamespace):
+        flysticky = _ImplicitDecision(plugin)
+
+    class StickyRequest(base):  # type: ignore[valid-type,misc]
+        __slots__ = ()
+
+        @staticmethod
+        def make_context() -> Any:
+            return PinnedContext()
+
+    # Sanic's logs and reprs name the request class: keep the app's name there.
+    StickyRequest.__name__ = StickyRequest.__qualname__ = base.__name__
+    return StickyRequest
 
 
 class _AsgiWebsocketReplay(HTTPResponse):
@@ -93,11 +145,11 @@ class StickySessions:
     ) -> None:
         self.config = config if config is not None else StickyConfig()
         self._decider: Decider | None = None
-        # Sanic creates request.ctx lazily, through a property, make_context() and a
-        # cast: about a microsecond a request on a loaded server, a third of what
-        # flysticky costs. When the app's request class makes Sanic's own
-        # SimpleNamespace context, flysticky creates it directly (see _wire).
-        self._own_context = False
+        # The decision a request carries without storing it (see the module's doc):
+        # the pinned one when the app's request class was swapped, else none.
+        self._implicit: Decision | None = None
+        self._app_request_class: type[Request] | None = None
+        self._request_classes: dict[type[Request], type[Request]] = {}
         self._middleware = Middleware(self._request_middleware, MiddlewareLocation.REQUEST)
         if app is not None:
             self.init_app(app)
@@ -108,56 +160,102 @@ class StickySessions:
         app.ctx.flysticky = self
         app.register_listener(self._wire, "before_server_start")
 
-    def _decide(self, decider: Decider, request: Request, is_websocket: bool) -> Decision:
-        """Decide ``request`` and keep the decision in ``request.ctx.flysticky``."""
-        headers = request.headers
-        cookie = join_cookie_headers(headers.getall("cookie", None))
-        decision = decider.decide(request, cookie, headers, is_websocket)
-        if self._own_context and request._ctx is None:
-            request._ctx = SimpleNamespace(flysticky=decision)
-        else:
-            request.ctx.flysticky = decision
-        return decision
+    def _apply(
+        self, request: Request, decision: Decision, is_websocket: bool
+    ) -> HTTPResponse | Decision | None:
+        """Store a decision that is not the implicit one; then what the wrapper does:
+        answer with the replay, stamp the handler's response, or (None) just serve."""
+        request.ctx.flysticky = decision
+        if decision.replay is not None:
+            return _replay_response(request, decision.replay, is_websocket)
+        return decision if decision.set_cookie is not None else None
 
     async def _request_middleware(self, request: Request) -> HTTPResponse | None:
         decider = self._decider
-        if decider is None or current_decision(request) is not None:
+        if decider is None:
             return None
+        decided = current_decision(request)
+        if decided is not None and decided.outcome is not Outcome.PINNED:
+            return None  # decided already, by this middleware in another chain
         handler = request.route.handler if request.route is not None else None
         is_websocket = hasattr(handler, "is_websocket")
-        decision = self._decide(decider, request, is_websocket)
-        if decision.replay is None:
-            return None
-        return _replay_response(request, decision.replay, is_websocket)
+        headers = request.headers
+        cookie = join_cookie_headers(_getall(headers, _COOKIE, None))
+        decision = decider.decide(request, cookie, headers, is_websocket)
+        verdict = self._apply(request, decision, is_websocket)
+        return verdict if isinstance(verdict, HTTPResponse) else None
 
-    def _wrap(self, handler: Callable[..., Any]) -> Callable[..., Any]:
+    def _hooked_verdict(self, request: Request) -> Decision | None:
+        """On a route with app request hooks flysticky's middleware decided first (and
+        answered any replay): the decision whose cookie the response must carry."""
+        decision: Decision = request.ctx.flysticky
+        return decision if decision.set_cookie is not None else None
+
+    def _wrap(self, handler: Callable[..., Any], has_params: bool) -> Callable[..., Any]:
         """The route handler, deciding first. Runs on every request: kept lean.
 
         It is a plain function: Sanic awaits whatever it returns, so the pinned path
-        hands back the handler's own coroutine, with no extra frame around it.
+        hands back the handler's own coroutine, with no extra frame around it. A route
+        without path parameters gets a wrapper that takes the request alone, sparing
+        the packing of empty arguments on every request. The same handler keeps the
+        same wrapper across server starts: Sanic's router caches it.
         """
-        if hasattr(handler, _WRAPPED):
+        wrapped: _Wrapped | None = getattr(handler, _WRAPPED, None)
+        if wrapped is not None:
+            if has_params and not wrapped.has_params:
+                return self._wrap(wrapped.handler, True)
             return handler
         plugin = self
         is_websocket = hasattr(handler, "is_websocket")
-        route_hooks = _RouteHooks()
+        info = _Wrapped(handler, has_params)
+        sticky_handler: Callable[..., Any]
 
-        @functools.wraps(handler)
-        def sticky_handler(request: Request, *args: Any, **kwargs: Any) -> Any:
-            decider = plugin._decider
-            if decider is None:
-                return handler(request, *args, **kwargs)
-            # On a route with app request hooks, flysticky's middleware decided first.
-            decision = getattr(request.ctx, "flysticky", None) if route_hooks.present else None
-            if decision is None:
-                decision = plugin._decide(decider, request, is_websocket)
-                if decision.replay is not None:
-                    return _replay_response(request, decision.replay, is_websocket)
-            if decision.set_cookie is None:
-                return handler(request, *args, **kwargs)
-            return _stamped(handler(request, *args, **kwargs), decision)
+        # Two copies of the same few lines, one per signature: the pinned path runs
+        # inline in either, without a call to a shared helper.
+        if has_params:
 
-        setattr(sticky_handler, _WRAPPED, route_hooks)
+            def sticky_handler(request: Request, *args: Any, **kwargs: Any) -> Any:
+                decider = plugin._decider
+                if decider is not None:
+                    verdict: HTTPResponse | Decision | None
+                    if info.hooked:
+                        verdict = plugin._hooked_verdict(request)
+                    else:
+                        headers = request.headers
+                        cookie = join_cookie_headers(_getall(headers, _COOKIE, None))
+                        decision = decider.decide(request, cookie, headers, is_websocket)
+                        if decision is plugin._implicit:
+                            return handler(request, *args, **kwargs)
+                        verdict = plugin._apply(request, decision, is_websocket)
+                    if verdict.__class__ is Decision:
+                        return _stamped(handler(request, *args, **kwargs), verdict)
+                    if verdict is not None:
+                        return verdict
+                return handler(request, *args, **kwargs)
+
+        else:
+
+            def sticky_handler(request: Request) -> Any:
+                decider = plugin._decider
+                if decider is not None:
+                    verdict: HTTPResponse | Decision | None
+                    if info.hooked:
+                        verdict = plugin._hooked_verdict(request)
+                    else:
+                        headers = request.headers
+                        cookie = join_cookie_headers(_getall(headers, _COOKIE, None))
+                        decision = decider.decide(request, cookie, headers, is_websocket)
+                        if decision is plugin._implicit:
+                            return handler(request)
+                        verdict = plugin._apply(request, decision, is_websocket)
+                    if verdict.__class__ is Decision:
+                        return _stamped(handler(request), verdict)
+                    if verdict is not None:
+                        return verdict
+                return handler(request)
+
+        functools.update_wrapper(sticky_handler, handler)
+        setattr(sticky_handler, _WRAPPED, info)
         return sticky_handler
 
     def _place_middleware(self, chain: deque[Any], wanted: bool) -> None:
@@ -166,21 +264,34 @@ class StickySessions:
         if wanted:
             chain.appendleft(self._middleware)
 
+    def _request_class(self, app: Sanic[Any, Any], decider: Decider | None) -> type[Request]:
+        """The request class to serve with: the app's own, or (on Fly, when the app
+        makes Sanic's plain context) one whose context carries the pinned decision."""
+        base = self._app_request_class
+        if base is None or app.request_class not in (base, *self._request_classes.values()):
+            base = self._app_request_class = app.request_class or Request
+        if decider is None or base.make_context is not Request.make_context:
+            self._implicit = None
+            return base
+        self._implicit = decider.pinned
+        made = self._request_classes.get(base)
+        if made is None:
+            made = self._request_classes[base] = _pinned_request_class(base, self)
+        return made
+
     def _wire(self, app: Sanic[Any, Any]) -> None:
         # Runs at every server start (sanic-testing's ASGI client starts the app for
         # each request), after Sanic has finalized routes and middleware.
         decider = self._decider = decider_for(self.config, os.environ.get("FLY_MACHINE_ID"))
-        self._own_context = (
-            "_ctx" in Request.__slots__ and app.request_class.make_context is Request.make_context
-        )
+        app.request_class = self._request_class(app, decider)
         on_fly = decider is not None
         for route in app.router.routes:
             chain = route.extra.request_middleware
             app_hooks = any(m is not self._middleware for m in chain)
             if on_fly:
-                route.handler = self._wrap(route.handler)
-                hooks: _RouteHooks = getattr(route.handler, _WRAPPED)
-                hooks.present = hooks.present or app_hooks
+                route.handler = self._wrap(route.handler, bool(route.params))
+                wrapped: _Wrapped = getattr(route.handler, _WRAPPED)
+                wrapped.hooked = wrapped.hooked or app_hooks
             self._place_middleware(chain, on_fly and app_hooks)
         # Used only for requests that match no route and errors raised before routing
         # finished; the pinned path never sees it.

@@ -338,8 +338,14 @@ async def test_skipper_gets_the_framework_request_and_skips(make: MakeHarness) -
     assert reply.header("set-cookie") is None
     reply = await harness.request("GET", "/", cookie(OTHER))
     assert reply.status == 307
-    expected = "sanic.request" if harness.framework == "sanic" else "quart.wrappers"
-    assert type(seen[0]).__module__.startswith(expected)
+    if harness.framework == "sanic":
+        from sanic import Request
+
+        assert isinstance(seen[0], Request)
+    else:
+        from quart.wrappers import Request as QuartRequest
+
+        assert isinstance(seen[0], QuartRequest)
 
 
 async def test_stamp_makes_a_public_response_private(make: MakeHarness) -> None:

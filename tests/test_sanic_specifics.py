@@ -14,6 +14,7 @@ from sanic_testing.testing import SanicASGITestClient
 
 from flysticky.sanic import StickySessions, current_decision
 
+from .asgi_client import LifespanClient, sanic_asgi
 from .harness import MACHINE, OTHER
 
 
@@ -35,6 +36,7 @@ async def test_decision_lands_in_the_apps_own_context(on_fly: str, request_class
     async def index(request: Request) -> Any:
         return json(
             {
+                "plain_namespace": isinstance(request.ctx, SimpleNamespace),
                 "ctx_type": type(request.ctx).__name__,
                 "made_by": getattr(request.ctx, "made_by", None),
                 "outcome": current_decision(request).outcome.value,  # type: ignore[union-attr]
@@ -48,7 +50,7 @@ async def test_decision_lands_in_the_apps_own_context(on_fly: str, request_class
     body = response.json
     assert body["outcome"] == "pinned"
     if request_class is None:
-        assert body["ctx_type"] == "SimpleNamespace"
+        assert body["plain_namespace"]
     else:
         assert (body["ctx_type"], body["made_by"]) == ("Context", "app")
 
@@ -115,3 +117,44 @@ def test_streamed_responses_are_stamped_on_a_real_server(
     _, response = app.test_client.get("/respond")
     assert (response.status_code, response.text) == (200, "streamed")
     assert "set-cookie" not in response.headers
+
+
+async def test_the_fast_path_serves_routes_with_and_without_parameters(
+    on_fly: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    middleware_calls: list[str] = []
+    original = StickySessions._request_middleware
+
+    async def counted(self: StickySessions, request: Request) -> Any:
+        middleware_calls.append(request.path)
+        return await original(self, request)
+
+    monkeypatch.setattr(StickySessions, "_request_middleware", counted)
+    app: Sanic[Any, Any] = Sanic(f"params_{uuid.uuid4().hex[:8]}")
+
+    async def show(request: Request, name: str = "-") -> Any:
+        request.ctx.seen = name  # the context takes the handler's own attributes
+        decision = current_decision(request)
+        assert decision is request.ctx.flysticky
+        return json({"name": request.ctx.seen, "outcome": decision.outcome.value})
+
+    app.add_route(show, "/plain", name="plain")
+    app.add_route(show, "/named/<name>", name="named")
+    StickySessions(app)
+    async with LifespanClient(sanic_asgi(app)) as client:
+        for path, name in (("/plain", "-"), ("/named/x", "x")) * 3:
+            response = await client.get(path, headers={"cookie": f"fly-machine-id={MACHINE}"})
+            assert response.json() == {"name": name, "outcome": "pinned"}, path
+            response = await client.get(path, headers={"cookie": f"fly-machine-id={OTHER}"})
+            assert (response.status_code, response.headers["fly-replay"]) == (
+                307,
+                f"prefer_instance={OTHER}",
+            ), path
+            client.cookies.clear()
+            response = await client.get(path)
+            assert response.json() == {"name": name, "outcome": "stamped"}, path
+            assert response.headers["set-cookie"].startswith(f"fly-machine-id={MACHINE};")
+        response = await client.get("/nowhere", headers={"cookie": f"fly-machine-id={OTHER}"})
+        assert response.status_code == 307  # no route: the app-wide middleware decides
+    # Every routed request was decided by the wrapper: the middleware saw only /nowhere.
+    assert middleware_calls == ["/nowhere"]
