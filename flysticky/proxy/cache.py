@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
-from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
-
-class FlyTomlError(ValueError):
-    """A fly.toml the emulator cannot use; the message names the key."""
+_K = TypeVar("_K")
 
 
 @dataclass(frozen=True)
@@ -45,53 +41,32 @@ class CacheRule:
         return morsel.value if morsel is not None else None
 
 
-def _rule(entry: Any, index: int) -> CacheRule:
-    where = f"http_service.http_options.replay_cache[{index}]"
-    if not isinstance(entry, dict):
-        raise FlyTomlError(f"{where} must be a table")
-    unknown = set(entry) - {"path_prefix", "ttl_seconds", "type", "name", "allow_bypass"}
-    if unknown:
-        raise FlyTomlError(f"{where}: unknown keys {sorted(unknown)}")
-    prefix = entry.get("path_prefix")
-    if not isinstance(prefix, str) or not prefix or ":" in prefix.split("/")[0]:
-        raise FlyTomlError(f"{where}.path_prefix={prefix!r}: a path or host/path, with no port")
-    ttl = entry.get("ttl_seconds")
-    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 10:
-        raise FlyTomlError(f"{where}.ttl_seconds={ttl!r}: a whole number of seconds, at least 10")
-    kind = entry.get("type")
-    if kind not in ("cookie", "header"):
-        raise FlyTomlError(f"{where}.type={kind!r}: 'cookie' or 'header'")
-    name = entry.get("name")
-    if not isinstance(name, str) or not name:
-        raise FlyTomlError(f"{where}.name={name!r}: the cookie or header name")
-    bypass = entry.get("allow_bypass", False)
-    if not isinstance(bypass, bool):
-        raise FlyTomlError(f"{where}.allow_bypass={bypass!r}: true or false")
-    return CacheRule(prefix, ttl, kind, name.lower() if kind == "header" else name, bypass)
-
-
-def load_rules(fly_toml: Path) -> list[CacheRule]:
-    """The session replay-cache rules of an app's fly.toml."""
-    try:
-        data = tomllib.loads(fly_toml.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as error:
-        raise FlyTomlError(f"{fly_toml}: {error}") from None
-    service = data.get("http_service") or {}
-    options = service.get("http_options") or {}
-    entries = options.get("replay_cache") or []
-    if not isinstance(entries, list):
-        raise FlyTomlError("http_service.http_options.replay_cache must be an array of tables")
-    return [_rule(entry, i) for i, entry in enumerate(entries)]
+#: Entries the cache holds at most, per kind: a client sending a new cookie value with
+#: every request must not grow the proxy without bound (Fly's docs give no figure).
+MAX_ENTRIES = 10_000
 
 
 class ReplayCache:
-    """What the proxy remembers of earlier replays, with expiry."""
+    """What the proxy remembers of earlier replays, with expiry and a size bound.
 
-    def __init__(self, rules: list[CacheRule], clock: Callable[[], float] = time.monotonic):
+    Reads and writes only memory; the clock is injectable so the rules are tested
+    without waiting. When full, the entry that expires first goes.
+    """
+
+    def __init__(
+        self,
+        rules: list[CacheRule],
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = MAX_ENTRIES,
+    ) -> None:
         self.rules = rules
         self._clock = clock
+        self._max = max_entries
         self._sessions: dict[tuple[CacheRule, str], tuple[str, float]] = {}
         self._paths: dict[str, tuple[str, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions) + len(self._paths)
 
     def rule_for(self, host: str, path: str) -> CacheRule | None:
         matching = [r for r in self.rules if r.matches(host, path)]
@@ -107,6 +82,8 @@ class ReplayCache:
         return entry[0]
 
     def remember_session(self, rule: CacheRule, key: str, machine_id: str) -> None:
+        self._sessions.pop((rule, key), None)
+        self._make_room(self._sessions)
         self._sessions[(rule, key)] = (machine_id, self._clock() + rule.ttl_seconds)
 
     def forget_session(self, rule: CacheRule, key: str) -> None:
@@ -125,7 +102,24 @@ class ReplayCache:
         return None
 
     def remember_path(self, pattern: str, machine_id: str, ttl: int) -> None:
+        self._paths.pop(pattern, None)
+        self._make_room(self._paths)
         self._paths[pattern] = (machine_id, self._clock() + max(ttl, 1))
 
     def forget_path(self, pattern: str) -> None:
         self._paths.pop(pattern, None)
+
+    def forget_machine(self, machine_id: str) -> None:
+        """Drop every entry naming a machine that is gone."""
+        for table in (self._sessions, self._paths):
+            for key in [k for k, (target, _) in table.items() if target == machine_id]:
+                del table[key]  # type: ignore[arg-type]
+
+    def _make_room(self, table: dict[_K, tuple[str, float]]) -> None:
+        if len(table) < self._max:
+            return
+        now = self._clock()
+        for key in [k for k, (_, expires) in table.items() if expires <= now]:
+            del table[key]
+        while len(table) >= self._max:
+            del table[min(table, key=lambda k: table[k][1])]

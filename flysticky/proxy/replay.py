@@ -5,19 +5,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
+
+from ..regions import REGION_ALIASES
 
 JSON_CONTENT_TYPE = "application/vnd.fly.replay+json"
 FALLBACKS = ("force_self", "prefer_self")
-#: Region aliases Fly accepts in ``region=``; the emulator knows these groups.
-REGION_ALIASES: dict[str, frozenset[str]] = {
-    "us": frozenset({"iad", "ord", "dfw", "lax", "sjc", "sea", "ewr", "atl", "bos", "den", "mia"}),
-    "na": frozenset(
-        {"iad", "ord", "dfw", "lax", "sjc", "sea", "ewr", "atl", "bos", "den", "mia", "yyz", "yul"}
-    ),
-    "eu": frozenset({"ams", "arn", "cdg", "fra", "lhr", "mad", "otp", "waw"}),
-    "sa": frozenset({"gru", "bog", "eze", "gig", "scl"}),
-    "apac": frozenset({"nrt", "hkg", "sin", "syd", "bom", "sjc"}),
-}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m)")
 _FIELDS = (
     "instance",
@@ -111,28 +104,24 @@ def _build(fields: dict[str, object], transform: Transform, cache: PathCache) ->
         value = fields.get(name)
         if value is None:
             return None
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not value or not _is_header_value(value):
             raise ReplayError(f"{name}={value!r}: expected a non-empty string")
         return value
 
-    regions: tuple[str, ...] = ()
-    region = fields.get("region")
-    if isinstance(region, str):
-        regions = tuple(r.strip().lower() for r in region.split(",") if r.strip())
-    elif isinstance(region, list):
-        regions = tuple(str(r).strip().lower() for r in region)
-    elsewhere = fields.get("elsewhere", False)
-    if isinstance(elsewhere, str):
-        elsewhere = elsewhere.lower() == "true"
-    timeout = fields.get("timeout")
+    region = text("region") or ""
+    regions = tuple(r.strip().lower() for r in region.split(",") if r.strip())
+    elsewhere = (text("elsewhere") or "false").lower()
+    if elsewhere not in ("true", "false"):
+        raise ReplayError(f"elsewhere={elsewhere!r}: expected true or false")
+    timeout = text("timeout")
     replay = Replay(
         instance=text("instance"),
         prefer_instance=text("prefer_instance"),
         regions=regions,
         app=text("app"),
         state=text("state"),
-        elsewhere=bool(elsewhere),
-        timeout=parse_duration(str(timeout)) if timeout is not None else None,
+        elsewhere=elsewhere == "true",
+        timeout=parse_duration(timeout) if timeout is not None else None,
         fallback=text("fallback"),
         transform=transform,
         cache=cache,
@@ -160,6 +149,76 @@ def parse_header(header: str) -> Replay:
     return _build(fields, Transform(), PathCache())
 
 
+def _strings(where: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ReplayError(f"{where}={value!r}: expected a list of non-empty strings")
+    return tuple(value)
+
+
+def _transform(raw: Any) -> Transform:
+    if raw is None:
+        return Transform()
+    if not isinstance(raw, dict):
+        raise ReplayError(f"transform={raw!r}: expected an object")
+    unknown = set(raw) - {"path", "delete_headers", "set_headers"}
+    if unknown:
+        raise ReplayError(f"transform fields {sorted(unknown)} are unknown")
+    path = raw.get("path")
+    if path is not None and not is_path(path):
+        raise ReplayError(
+            f"transform.path={path!r}: expected a path starting with one '/', such as /api?x=1"
+        )
+    set_headers = raw.get("set_headers") or []
+    if isinstance(set_headers, dict):
+        set_headers = [{"name": k, "value": v} for k, v in set_headers.items()]
+    if not isinstance(set_headers, list) or not all(
+        isinstance(h, dict)
+        and set(h) == {"name", "value"}
+        and _is_token(h["name"])
+        and _is_header_value(h["value"])
+        for h in set_headers
+    ):
+        raise ReplayError(
+            f"transform.set_headers={set_headers!r}: expected "
+            '[{"name": header name, "value": header value}, ...]'
+        )
+    deleted = _strings("transform.delete_headers", raw.get("delete_headers"))
+    return Transform(
+        path=path,
+        delete_headers=tuple(h.lower() for h in deleted),
+        set_headers=tuple((h["name"], h["value"]) for h in set_headers),
+    )
+
+
+def _path_cache(raw: Any) -> PathCache:
+    if raw is None:
+        return PathCache()
+    if not isinstance(raw, dict):
+        raise ReplayError(f"cache={raw!r}: expected an object")
+    unknown = set(raw) - {"prefix", "ttl", "invalidate"}
+    if unknown:
+        raise ReplayError(f"cache fields {sorted(unknown)} are unknown")
+    prefix, ttl, invalidate = raw.get("prefix"), raw.get("ttl"), raw.get("invalidate", False)
+    if prefix is not None and (not isinstance(prefix, str) or not _is_header_value(prefix)):
+        raise ReplayError(f"cache.prefix={prefix!r}: expected a host/path pattern")
+    if ttl is not None:
+        ttl = parse_ttl(ttl, "cache.ttl")
+    if not isinstance(invalidate, bool):
+        raise ReplayError(f"cache.invalidate={invalidate!r}: expected true or false")
+    return PathCache(pattern=prefix, ttl=ttl, invalidate=invalidate)
+
+
+def parse_ttl(value: object, where: str = "fly-replay-cache-ttl-secs") -> int:
+    """A whole positive number of seconds, from JSON or from a response header."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = int(value.strip()) if len(value.strip()) < 10 else None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 10**9:
+        raise ReplayError(f"{where}={value!r}: expected a whole number of seconds, 1 or more")
+    return value
+
+
 def parse_json(body: bytes) -> Replay:
     """Parse the ``application/vnd.fly.replay+json`` response body."""
     try:
@@ -171,24 +230,39 @@ def parse_json(body: bytes) -> Replay:
     unknown = set(data) - {*_FIELDS, "transform", "cache"}
     if unknown:
         raise ReplayError(f"fly-replay JSON fields {sorted(unknown)} are unknown")
-    raw_transform = data.get("transform") or {}
-    raw_cache = data.get("cache") or {}
-    if not isinstance(raw_transform, dict) or not isinstance(raw_cache, dict):
-        raise ReplayError("transform and cache must be objects")
-    set_headers = raw_transform.get("set_headers") or []
-    if isinstance(set_headers, dict):
-        set_headers = [{"name": k, "value": v} for k, v in set_headers.items()]
-    transform = Transform(
-        path=raw_transform.get("path"),
-        delete_headers=tuple(str(h).lower() for h in raw_transform.get("delete_headers") or ()),
-        set_headers=tuple((str(h["name"]), str(h["value"])) for h in set_headers),
+    region = data.get("region")
+    if isinstance(region, list):
+        data["region"] = ",".join(_strings("region", region))
+    elsewhere = data.get("elsewhere", False)
+    if not isinstance(elsewhere, bool):
+        raise ReplayError(f"elsewhere={elsewhere!r}: expected true or false")
+    data["elsewhere"] = "true" if elsewhere else "false"
+    return _build(data, _transform(data.get("transform")), _path_cache(data.get("cache")))
+
+
+def is_path(value: object) -> bool:
+    """An origin-form request target: the proxy puts it after its own host, never a new host."""
+    return (
+        isinstance(value, str)
+        and value.startswith("/")
+        and not value.startswith("//")
+        and value.isascii()
+        and all(32 < ord(c) < 127 for c in value)
+        and "\\" not in value
     )
-    cache = PathCache(
-        pattern=raw_cache.get("prefix"),
-        ttl=raw_cache.get("ttl"),
-        invalidate=bool(raw_cache.get("invalidate", False)),
+
+
+def _is_token(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and bool(value)
+        and value.isascii()
+        and all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in value)
     )
-    return _build(data, transform, cache)
+
+
+def _is_header_value(value: object) -> bool:
+    return isinstance(value, str) and all(c == "\t" or 32 <= ord(c) < 127 for c in value)
 
 
 def region_matches(wanted: str, region: str) -> bool:
