@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 
 from flysticky import Decider, StickyConfig
-from flysticky.proxy.cache import load_rules
+from flysticky.proxy import flytoml
 from flysticky.proxy.emulator import Emulator
 from flysticky.proxy.machines import Fleet, Machine
 
@@ -191,7 +191,7 @@ async def hop_figures(
     sessions: int, requests: int, machines: int
 ) -> dict[str, tuple[float, float]]:
     """Extra proxy hops per request and per session, echofly's way against flysticky's."""
-    rules = load_rules(ROOT / "fly.toml")
+    rules = flytoml.load(ROOT / "fly.toml").cache_rules
     ways = {
         "echofly (instance=, no replay cache)": ("instance", []),
         "flysticky (prefer_instance + replay cache)": ("prefer_instance", rules),

@@ -12,6 +12,7 @@ import aiohttp
 
 from flysticky.proxy.cache import CacheRule
 from flysticky.proxy.emulator import Emulator
+from flysticky.proxy.flytoml import Autostop
 from flysticky.proxy.machines import Fleet
 
 HERE = Path(__file__).parent
@@ -37,9 +38,13 @@ async def running(
     cache_rules: list[CacheRule] | None = None,
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
+    autostop: Autostop | None = None,
+    idle_after: float = 60.0,
 ) -> AsyncIterator[tuple[Emulator, aiohttp.ClientSession]]:
     fleet = Fleet(command, app_name="sticky-test", regions=regions, cwd=cwd, env=env)
-    emulator = Emulator(fleet, port=0, cache_rules=cache_rules)
+    emulator = Emulator(
+        fleet, port=0, cache_rules=cache_rules, autostop=autostop, idle_after=idle_after
+    )
     pids: list[int | None] = []
     try:
         await emulator.start(machines)

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import re
+import shutil
+import signal
 import time
+import tracemalloc
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
@@ -14,6 +20,7 @@ import pytest
 
 from flysticky.proxy.cache import CacheRule
 from flysticky.proxy.emulator import ADMIN_PREFIX
+from flysticky.proxy.flytoml import AutoStop, Autostop
 from flysticky.proxy.machines import MachineError
 
 from .emulator_fixtures import ECHO, running
@@ -86,7 +93,7 @@ async def test_prefer_instance_falls_back_to_any_machine_with_a_header() -> None
         _, echo = await get_json(client, f"/replay?h=prefer_instance={target.id}")
         assert echo["machine"] == target.id
         assert "fly-preferred-instance-unavailable" not in echo["headers"]
-        await emulator.fleet.kill(target)
+        await emulator.destroy(target)
         status, echo = await get_json(client, f"/replay?h=prefer_instance={target.id}")
         assert status == 200
         assert echo["machine"] != target.id
@@ -96,7 +103,7 @@ async def test_prefer_instance_falls_back_to_any_machine_with_a_header() -> None
 async def test_instance_to_a_dead_machine_errors_or_falls_back() -> None:
     async with running() as (emulator, client):
         target = emulator.fleet.machines[0]
-        await emulator.fleet.kill(target)
+        await emulator.destroy(target)
         status, body = await get_json(client, f"/replay?h=instance={target.id}")
         assert (status, body["error"]) == (502, "no_candidate")
         status, echo = await get_json(
@@ -211,7 +218,7 @@ async def test_client_routing_headers() -> None:
             assert echo["machine"] == target.id
         _, echo = await get_json(client, "/echo", headers={"fly-prefer-instance-id": target.id})
         assert echo["machine"] == target.id
-        await emulator.fleet.kill(target)
+        await emulator.destroy(target)
         status, body = await get_json(client, "/echo", headers={"fly-force-instance-id": target.id})
         assert (status, body["error"]) == (503, "forced_instance_unavailable")
         status, echo = await get_json(
@@ -262,8 +269,8 @@ async def test_session_replay_cache_hits_after_one_replay() -> None:
         # Another cookie value is another cache key.
         _, echo = await get_json(client, "/echo", headers={"cookie": "fly-machine-id=other"})
         assert "fly-replay-cache-status" not in echo["headers"]
-        # A dead target is not served from the cache.
-        await emulator.fleet.kill(machines[target])
+        # A destroyed target is not served from the cache.
+        await emulator.destroy(machines[target])
         status, echo = await get_json(client, "/echo", headers=cookie)
         assert status == 200 and "fly-replay-cache-status" not in echo["headers"]
 
@@ -368,3 +375,339 @@ async def test_json_replay_cache_prefix_and_invalidate() -> None:
         await get_json(client, "/json-replay?b=" + quote(json.dumps(forget)))
         _, echo = await get_json(client, "/echo")
         assert "fly-replay-cache-status" not in echo["headers"]
+
+
+# ---------------------------------------------------------------------- machine states
+def process_state(pid: int) -> str:
+    """The kernel's state letter for a process: T when stopped by SIGSTOP."""
+    text = open(f"/proc/{pid}/stat").read()  # noqa: SIM115
+    return text.rsplit(")", 1)[1].split()[0]
+
+
+async def visits(client: aiohttp.ClientSession, machine_id: str) -> dict[str, Any]:
+    status, body = await get_json(client, "/count", headers={"fly-force-instance-id": machine_id})
+    assert status == 200, body
+    return dict(body)
+
+
+async def test_suspended_machine_is_resumed_with_its_memory() -> None:
+    async with running(machines=2) as (emulator, client):
+        target = emulator.fleet.machines[1]
+        assert (await visits(client, target.id))["visits"] == 1
+        pid = target.pid
+        assert pid is not None
+        await emulator.fleet.suspend(target)
+        assert target.facts().state == "suspended" and process_state(pid) == "T"
+        for _ in range(4):  # load balancing leaves it alone
+            assert (await get_json(client, "/echo"))[1]["machine"] != target.id
+        _, echo = await get_json(client, f"/replay?h=prefer_instance={target.id}")
+        assert echo["machine"] == target.id
+        assert "fly-preferred-instance-unavailable" not in echo["headers"]
+        assert target.pid == pid and process_state(pid) != "T"
+        assert (await visits(client, target.id))["visits"] == 2  # memory kept
+
+
+async def test_stopped_machine_is_started_by_a_replay_and_has_lost_its_memory() -> None:
+    async with running(machines=2) as (emulator, client):
+        target = emulator.fleet.machines[1]
+        assert (await visits(client, target.id))["visits"] == 1
+        await emulator.fleet.stop(target)
+        assert target.facts().state == "stopped"
+        _, echo = await get_json(client, f"/replay?h=instance={target.id}")
+        assert echo["machine"] == target.id
+        assert (await visits(client, target.id))["visits"] == 2 - 1  # a new process
+        await emulator.fleet.stop(target)
+        after = await visits(client, target.id)  # fly-force-instance-id starts it too
+        assert after["visits"] == 1 and after["machine"] == target.id
+
+
+async def test_crashed_machine_is_restarted_when_a_request_is_aimed_at_it() -> None:
+    async with running(machines=2) as (emulator, client):
+        target = emulator.fleet.machines[1]
+        await emulator.fleet.kill(target)
+        assert target.facts().state == "crashed"
+        _, echo = await get_json(client, f"/replay?h=prefer_instance={target.id}")
+        assert echo["machine"] == target.id
+        assert target.facts().state == "started"
+
+
+async def test_prefer_instance_goes_elsewhere_when_its_machine_cannot_start(tmp_path: Any) -> None:
+    broken = tmp_path / "broken"
+    async with running(machines=2, env={"FAIL_START_FILE": str(broken)}) as (emulator, client):
+        target = emulator.fleet.machines[1]
+        await emulator.fleet.kill(target)
+        broken.touch()
+        status, echo = await get_json(client, f"/replay?h=prefer_instance={target.id}")
+        assert status == 200 and echo["machine"] != target.id
+        assert echo["headers"]["fly-preferred-instance-unavailable"] == target.id
+        status, body = await get_json(client, f"/replay?h=instance={target.id}")
+        assert (status, body["error"]) == (502, "no_candidate")
+
+
+async def test_a_machine_that_exits_by_itself_is_crashed_and_its_children_go_too() -> None:
+    async with running(machines=1) as (emulator, client):
+        machine = emulator.fleet.machines[0]
+        _, child = await get_json(client, "/child")
+        assert machine.pid is not None
+        os.kill(machine.pid, signal.SIGKILL)
+        for _ in range(100):
+            if machine.facts().state == "crashed" and not pid_alive(child["pid"]):
+                break
+            await asyncio.sleep(0.05)
+        assert machine.facts().state == "crashed"
+        assert not pid_alive(child["pid"])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return process_state(pid) != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("mode", ["stop", "suspend"])
+async def test_autostop_stops_or_suspends_idle_machines_down_to_min(mode: AutoStop) -> None:
+    async with running(machines=3, autostop=Autostop(mode, True, 1), idle_after=0.4) as (
+        emulator,
+        client,
+    ):
+        wanted = "stopped" if mode == "stop" else "suspended"
+        for _ in range(100):
+            states = [m.facts().state for m in emulator.fleet.machines]
+            if states.count(wanted) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(states) == sorted(["started", wanted, wanted])
+        asleep = next(m for m in emulator.fleet.machines if m.facts().state == wanted)
+        _, echo = await get_json(client, f"/replay?h=instance={asleep.id}")
+        assert echo["machine"] == asleep.id
+
+
+async def test_machines_get_host_127_0_0_1() -> None:
+    async with running(machines=1) as (_emulator, client):
+        assert (await get_json(client, "/echo"))[1]["host_env"] == "127.0.0.1"
+
+
+async def test_overlapping_restarts_leave_no_orphan() -> None:
+    async with running(machines=1) as (emulator, _):
+        machine = emulator.fleet.machines[0]
+        await asyncio.gather(*(emulator.fleet.restart(machine) for _ in range(3)))
+        assert processes_of(machine.id) == [machine.pid]
+
+
+def processes_of(machine_id: str) -> list[int]:
+    """Every live process whose environment says it is this machine."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = open(f"/proc/{entry}/environ", "rb").read()  # noqa: SIM115
+        except OSError:
+            continue
+        if f"FLY_MACHINE_ID={machine_id}".encode() in environ.split(b"\0") and pid_alive(
+            int(entry)
+        ):
+            found.append(int(entry))
+    return found
+
+
+# ---------------------------------------------------------------------- bodies and failures
+async def test_large_upload_streams_without_buffering() -> None:
+    size = 96 * MiB
+
+    async def upload() -> AsyncIterator[bytes]:
+        chunk = b"x" * (256 * 1024)
+        for _ in range(size // len(chunk)):
+            yield chunk
+
+    async with running(machines=1) as (_emulator, client):
+        tracemalloc.start()
+        try:
+            status, echo = await get_json(
+                client,
+                "/sink",
+                method="POST",
+                data=upload(),
+                headers={"content-length": str(size)},
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert (status, echo["body_size"]) == (200, size)
+        assert peak < 16 * MiB, f"the proxy held {peak / MiB:.0f} MiB for a {size // MiB} MiB body"
+
+
+async def test_a_request_whose_machine_died_is_not_sent_again() -> None:
+    async with running(machines=3) as (emulator, client):
+        status, body = await get_json(client, "/die", method="POST", data=b"charge the card")
+        assert (status, body["error"]) == (502, "machine_failed")
+        for _ in range(40):  # the process is reaped a moment after its connection drops
+            states = [m.facts().state for m in emulator.fleet.machines]
+            if "crashed" in states:
+                break
+            await asyncio.sleep(0.05)
+        assert states.count("crashed") == 1, states
+
+
+async def test_a_long_output_line_does_not_hang_the_machine() -> None:
+    async with running(machines=1) as (emulator, client):
+        for n in (200_000, *[4000] * 60):
+            status, _ = await asyncio.wait_for(get_json(client, f"/shout?n={n}"), 10)
+            assert status == 200
+        machine = emulator.fleet.machines[0]
+        assert any(line.endswith("[line cut at 64 KiB]") for line in machine.output)
+
+
+# ---------------------------------------------------------------------- bad app answers
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/json-replay?b=" + quote('{"instance": 5}'), "invalid_replay"),
+        (
+            "/json-replay?b=" + quote('{"region": "iad", "transform": {"path": "@127.0.0.2:1/x"}}'),
+            "invalid_replay",
+        ),
+        (
+            "/json-replay?b="
+            + quote('{"region": "iad", "transform": {"set_headers": [{"a": 1}]}}'),
+            "invalid_replay",
+        ),
+        (
+            "/replay?h=region=iad&x-resp-fly-replay-cache=127.0.0.1/x*"
+            "&x-resp-fly-replay-cache-ttl-secs=soon",
+            "invalid_replay",
+        ),
+    ],
+)
+async def test_bad_replay_answers_are_a_502_naming_the_problem(path: str, code: str) -> None:
+    async with running(machines=1) as (_emulator, client):
+        status, body = await get_json(client, path)
+        assert (status, body["error"]) == (502, code), body
+
+
+# ---------------------------------------------------------------------- websockets
+async def test_websocket_close_codes_pass_both_ways() -> None:
+    async with running(machines=1) as (emulator, client):
+        machine = emulator.fleet.machines[0]
+        async with client.ws_connect("/ws") as ws:
+            assert await ws.receive_str() == machine.id
+            await ws.close(code=4001)
+        for _ in range(50):
+            _, stats = await get_json(client, "/ws-stats")
+            if stats["last_close"] is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert stats == {"open": 0, "last_close": 4001}
+        async with client.ws_connect("/ws") as ws:
+            await ws.receive_str()
+            await ws.send_str("close 4002")
+            message = await ws.receive()
+            assert (message.type, ws.close_code) == (aiohttp.WSMsgType.CLOSE, 4002)
+
+
+async def test_websocket_to_a_killed_machine_is_not_a_clean_close() -> None:
+    async with running(machines=1) as (emulator, client), client.ws_connect("/ws") as ws:
+        await ws.receive_str()
+        await emulator.fleet.kill(emulator.fleet.machines[0])
+        message = await asyncio.wait_for(ws.receive(), 10)
+        assert message.type == aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == 1011
+
+
+async def test_a_failed_upgrade_leaves_no_socket_open_on_the_machine() -> None:
+    async with running(machines=1) as (emulator, client):
+        reader, writer = await asyncio.open_connection("127.0.0.1", emulator.port)
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"  # no Sec-WebSocket-Key
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 400")
+        _, stats = await get_json(client, "/ws-stats")
+        assert stats["open"] == 0
+
+
+async def test_clients_hanging_up_are_not_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    async with running(machines=2) as (emulator, client):
+        with caplog.at_level(logging.DEBUG):
+
+            async def hang_up(path: bytes) -> None:
+                _, writer = await asyncio.open_connection("127.0.0.1", emulator.port)
+                writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.transport.abort()
+
+            await asyncio.gather(*(hang_up(b"/slow?s=0.3") for _ in range(40)))
+            await asyncio.gather(*(hang_up(b"/shout?n=300000") for _ in range(20)))
+            wrk = shutil.which("wrk")
+            if wrk is not None:
+                process = await asyncio.create_subprocess_exec(
+                    wrk,
+                    "-t1",
+                    "-c200",
+                    "-d2s",
+                    emulator.url + "/echo",
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+                await asyncio.wait_for(process.wait(), 30)
+            await asyncio.sleep(0.5)
+            status, _ = await get_json(client, "/echo")
+        assert status == 200
+        tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.INFO]
+        assert not tracebacks, [r.getMessage() for r in tracebacks[:3]]
+
+
+# ---------------------------------------------------------------------- admin API
+async def test_admin_api_refuses_cross_site_requests_and_bad_regions() -> None:
+    async with running(machines=1) as (emulator, client):
+        url = f"{ADMIN_PREFIX}/machines"
+        for headers in (
+            {"origin": "https://evil.example"},
+            {"sec-fetch-site": "cross-site"},
+            {"content-type": "application/x-www-form-urlencoded"},
+            {"content-type": "text/plain"},
+            {"host": "evil.example"},
+        ):
+            status, body = await get_json(client, url, method="POST", data=b"{}", headers=headers)
+            assert status == 403, (headers, body)
+        for region in ("zzz", "sea", "../x"):
+            status, body = await get_json(client, url, method="POST", json={"region": region})
+            assert status == 400, body
+            assert "region" in body["error"]
+        assert len(emulator.fleet.machines) == 1
+        status, added = await get_json(client, url, method="POST", json={"region": "ams"})
+        assert status == 201 and added["region"] == "ams"
+        status, body = await get_json(client, url, method="POST", headers={"origin": emulator.url})
+        assert status == 201
+        assert len(emulator.fleet.machines) == 3
+
+
+async def test_admin_api_changes_machine_states() -> None:
+    async with running(machines=2) as (emulator, client):
+        machine = emulator.fleet.machines[1].id
+        for action, state in [
+            ("suspend", "suspended"),
+            ("resume", "started"),
+            ("stop", "stopped"),
+            ("start", "started"),
+            ("crash", "crashed"),
+            ("restart", "started"),
+            ("destroy", "destroyed"),
+        ]:
+            status, body = await get_json(
+                client, f"{ADMIN_PREFIX}/machines/{machine}/{action}", method="POST"
+            )
+            assert (status, body.get("state")) == (200, state), (action, body)
+        status, body = await get_json(
+            client, f"{ADMIN_PREFIX}/machines/{machine}/start", method="POST"
+        )
+        assert status == 404

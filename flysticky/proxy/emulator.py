@@ -1,7 +1,9 @@
-"""The local Fly edge proxy: load balancing, edge headers, fly-replay, replay cache, websockets.
+"""The local Fly edge proxy's transport: aiohttp in, aiohttp out, routing.py decides.
 
 A development and test tool built on aiohttp (one well-kept library for the server,
 the client and websockets in both directions). Fly.io stays the production engine.
+Everything Fly-specific is decided in ``routing.py``; this module gathers the facts,
+moves bytes and carries out decisions (wake a machine, deliver, stream the answer).
 """
 
 from __future__ import annotations
@@ -9,28 +11,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
+from .admin import ADMIN_PREFIX, add_admin_routes
 from .cache import CacheRule, ReplayCache
-from .machines import Counters, Fleet, Machine
-from .replay import JSON_CONTENT_TYPE, Replay, ReplayError, parse_header, parse_json, region_matches
+from .flytoml import Autostop
+from .machines import Counters, Fleet, Machine, MachineError
+from .replay import JSON_CONTENT_TYPE, Replay, ReplayError, is_path, parse_header, parse_json
+from .routing import (
+    Decision,
+    Deliver,
+    FleetFacts,
+    Refuse,
+    RequestFacts,
+    after_failure,
+    edge_headers,
+    machines_to_stop,
+    route_replay,
+    route_request,
+)
 
-#: Fly refuses to replay a request with a larger body.
+__all__ = ["ADMIN_PREFIX", "Emulator"]
+
+#: Fly refuses to replay a request with a larger body. The library's own copy is
+#: flysticky.core.REPLAY_BODY_LIMIT; the emulator keeps its own because it stands for
+#: Fly's proxy, which the library is tested against, and must not move with it.
 REPLAY_BODY_LIMIT = 1024 * 1024
-#: Replays one request may go through before the proxy gives up (a loop).
-MAX_REPLAYS = 10
-ADMIN_PREFIX = "/.fly-emulator"
-BODY = web.RequestKey("flysticky.body", bytes)  # the buffered request body, for replays
-HOPS = web.RequestKey("flysticky.hops", int)
+CHUNK = 64 * 1024
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -45,23 +61,6 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-# Headers only the proxy may set: a client cannot forge its way past a replay.
-PROXY_ONLY = frozenset(
-    {
-        "fly-client-ip",
-        "fly-forwarded-port",
-        "fly-region",
-        "fly-request-id",
-        "fly-replay-src",
-        "fly-replay-failed",
-        "fly-preferred-instance-unavailable",
-        "fly-replay-cache-status",
-        "x-forwarded-ssl",
-        "x-forwarded-port",
-        "x-forwarded-proto",
-        "via",
-    }
-)
 WEBSOCKET_HANDSHAKE = frozenset(
     {
         "sec-websocket-key",
@@ -71,43 +70,50 @@ WEBSOCKET_HANDSHAKE = frozenset(
         "sec-websocket-accept",
     }
 )
+#: Close codes that may not be sent in a close frame (RFC 6455 7.4.1).
+_UNSENDABLE = frozenset({1005, 1006, 1015})
 
 
-class ProxyError(Exception):
-    """Answered to the client as an error from the proxy itself."""
+class NotDelivered(Exception):
+    """The machine could not be reached: not a byte of the request went to it."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
+
+class DeliveryFailed(Exception):
+    """The machine had the request (or part of it) and then failed or timed out."""
+
+    def __init__(self, reason: Literal["timeout", "retries_exhausted"], detail: str) -> None:
+        super().__init__(detail)
+        self.reason: Literal["timeout", "retries_exhausted"] = reason
 
 
 @dataclass
-class Delivery:
-    """One attempt to hand the request to a machine."""
+class Body:
+    """The request body: held whole when a replay could need it (up to 1 MiB), otherwise
+    its first part, with the rest streamed from the client to the one machine it goes to."""
 
-    machine: Machine
-    headers: CIMultiDict[str]
-    path: str
-    timeout: float | None = None
-    replay: Replay | None = None  # the replay that led here
-    origin: Machine | None = None  # the machine that issued that replay
-    fallback: bool = False
-    path_cache: str | None = None  # the path-cache pattern that routed it here
+    head: bytes
+    complete: bool
+    rest: aiohttp.StreamReader | None = None
+    started: bool = False  # some of it has been handed to a machine
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        self.started = True
+        if self.head:
+            yield self.head
+        if self.rest is not None:
+            async for chunk in self.rest.iter_chunked(CHUNK):
+                yield chunk
 
 
 @dataclass
 class Answer:
-    """What a machine answered, before the proxy decides what to do with it."""
+    """What a machine answered: a replay to follow, or a response to pass on."""
 
-    status: int
+    replay: Replay | None
     headers: CIMultiDictProxy[str]
-    body: bytes = b""
-    finish: Callable[[], Awaitable[web.StreamResponse]] | None = None
-
-
-class Timeout(Exception):
-    pass
+    status: int
+    finish: Callable[[], Awaitable[web.StreamResponse]]
+    invalid: str | None = None  # why a replay answer was refused
 
 
 @dataclass
@@ -127,6 +133,8 @@ class Emulator:
         cache_rules: list[CacheRule] | None = None,
         edge_region: str | None = None,
         forwarded_proto: str = "http",
+        autostop: Autostop | None = None,
+        idle_after: float = 60.0,
     ) -> None:
         self.fleet = fleet
         self.host = host
@@ -134,20 +142,24 @@ class Emulator:
         self.cache = ReplayCache(cache_rules or [])
         self.edge_region = edge_region or fleet.regions[0]
         self.forwarded_proto = forwarded_proto
+        self.autostop = autostop or Autostop()
+        self.idle_after = idle_after  # Fly's "every few minutes", shortened for a laptop
         self.stats = Stats()
         self._rotation = itertools.count()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._ready = asyncio.Event()  # requests that arrive during start-up wait for it
+        self._autostopper: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, machines: int) -> None:
-        app = web.Application(client_max_size=1024**3)
-        app.router.add_route("*", ADMIN_PREFIX + "/machines", self._admin_machines)
-        app.router.add_route("POST", ADMIN_PREFIX + "/machines/{id}/{action}", self._admin_action)
+        app = web.Application()
+        add_admin_routes(app, self)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            # Idle connections to machines are dropped before any server drops them
+            # (Hypercorn: 5 s), so a request is never written to a socket closing under it.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2),
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
@@ -161,7 +173,7 @@ class Emulator:
             await site.start()
         except OSError as error:
             await self.close()
-            reason = os.strerror(error.errno) if error.errno else str(error)
+            reason = error.strerror or str(error)
             raise OSError(f"cannot listen on {self.host}:{self.port}: {reason}") from None
         if self.port == 0:
             server = site._server
@@ -173,9 +185,16 @@ class Emulator:
         except BaseException:
             await self.close()
             raise
+        if self.autostop.stop != "off":
+            self._autostopper = asyncio.create_task(self._autostop_rounds())
         self._ready.set()
 
     async def close(self) -> None:
+        if self._autostopper is not None:
+            self._autostopper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._autostopper
+            self._autostopper = None
         await self.fleet.close()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -192,7 +211,8 @@ class Emulator:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def totals(self) -> Counters:
         total = Counters()
@@ -200,343 +220,12 @@ class Emulator:
             total.add(machine.counters)
         return total
 
-    # ------------------------------------------------------------------ routing
-    def _edge_headers(self, request: web.Request) -> CIMultiDict[str]:
-        headers: CIMultiDict[str] = CIMultiDict(
-            (k, v) for k, v in request.headers.items() if k.lower() not in PROXY_ONLY
-        )
-        client_ip = request.remote or "127.0.0.1"
-        forwarded = request.headers.get("x-forwarded-for")
-        headers["X-Forwarded-For"] = f"{forwarded}, {client_ip}" if forwarded else client_ip
-        headers["Fly-Client-IP"] = client_ip
-        headers["X-Forwarded-Proto"] = self.forwarded_proto
-        headers["X-Forwarded-Port"] = str(self.port)
-        headers["X-Forwarded-SSL"] = "on" if self.forwarded_proto == "https" else "off"
-        headers["Fly-Forwarded-Port"] = str(self.port)
-        headers["Fly-Region"] = self.edge_region
-        headers["Fly-Request-Id"] = f"{secrets.token_hex(13)}-{self.edge_region}"
-        headers["Via"] = f"{request.version.major}.{request.version.minor} fly.io"
-        return headers
-
-    def _balance(
-        self, exclude: set[str] | None = None, regions: tuple[str, ...] = ()
-    ) -> Machine | None:
-        live = [m for m in self.fleet.live() if not exclude or m.id not in exclude]
-        if regions:
-            for wanted in regions:
-                matching = [m for m in live if region_matches(wanted, m.region)]
-                if matching:
-                    live = matching
-                    break
-            else:
-                return None
-        else:
-            nearest = [m for m in live if m.region == self.edge_region]
-            live = nearest or live
-        if not live:
-            return None
-        return live[next(self._rotation) % len(live)]
-
-    def _first_delivery(self, request: web.Request, headers: CIMultiDict[str]) -> Delivery:
-        path = request.raw_path
-        forced = request.headers.get("fly-force-instance-id")
-        if forced:
-            machine = self.fleet.get(forced)
-            if machine is None or not machine.alive:
-                raise ProxyError(
-                    503, "forced_instance_unavailable", f"machine {forced} is not running"
-                )
-            return Delivery(machine, headers, path)
-        preferred = request.headers.get("fly-prefer-instance-id")
-        if preferred:
-            machine = self.fleet.get(preferred)
-            if machine is not None and machine.alive:
-                return Delivery(machine, headers, path)
-            headers["fly-preferred-instance-unavailable"] = preferred
-        host = request.host.split(":")[0].lower()
-        hit = self.cache.lookup_path(host, request.path)
-        if hit is not None:
-            machine = self.fleet.get(hit[1])
-            if machine is not None and machine.alive:
-                headers["fly-replay-cache-status"] = "hit"
-                machine.counters.cache_hits += 1
-                return Delivery(machine, headers, path, path_cache=hit[0])
-            self.cache.forget_path(hit[0])
-        rule = self.cache.rule_for(host, request.path)
-        if rule is not None:
-            key = rule.key(request.headers)
-            bypass = (
-                rule.allow_bypass
-                and request.headers.get("fly-replay-cache-control", "").strip().lower() == "skip"
-            )
-            target_id = self.cache.lookup_session(rule, key) if key and not bypass else None
-            if target_id is not None:
-                machine = self.fleet.get(target_id)
-                if machine is not None and machine.alive:
-                    headers["fly-replay-cache-status"] = "hit"
-                    machine.counters.cache_hits += 1
-                    return Delivery(machine, headers, path)
-                self.cache.forget_session(rule, key or "")
-        machine = self._balance()
-        if machine is None:
-            raise ProxyError(503, "no_machines", "no machine of the app is running")
-        return Delivery(machine, headers, path)
-
-    def _replay_of(self, answer: Answer) -> Replay | None:
-        content_type = answer.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type == JSON_CONTENT_TYPE:
-            return parse_json(answer.body)
-        header = answer.headers.get("fly-replay")
-        return parse_header(header) if header is not None else None
-
-    def _replay_target(self, replay: Replay, origin: Machine) -> tuple[Machine | None, str | None]:
-        """The machine a replay goes to, and the unavailable preferred id if any."""
-        if replay.app is not None and replay.app != self.fleet.app_name:
-            return None, None
-        exclude = {origin.id} if replay.elsewhere else set()
-        if replay.instance is not None:
-            machine = self.fleet.get(replay.instance)
-            return (machine if machine is not None and machine.alive else None), None
-        if replay.prefer_instance is not None:
-            machine = self.fleet.get(replay.prefer_instance)
-            if machine is not None and machine.alive and machine.id not in exclude:
-                return machine, None
-            return self._balance(exclude, replay.regions), replay.prefer_instance
-        return self._balance(exclude, replay.regions), None
-
-    def _replayed_delivery(
-        self,
-        request: web.Request,
-        base: CIMultiDict[str],
-        previous: Delivery,
-        replay: Replay,
-        answer: Answer,
-    ) -> Delivery:
-        origin = previous.machine
-        if previous.fallback:
-            raise ProxyError(502, "fallback_replayed", "a fallback request cannot issue fly-replay")
-        if len(request.get(BODY, b"")) > REPLAY_BODY_LIMIT:
-            raise ProxyError(
-                502, "body_too_large", "the request body is over 1 MiB and cannot be replayed"
-            )
-        hops = request.get(HOPS, 0) + 1
-        request[HOPS] = hops
-        if hops > MAX_REPLAYS:
-            raise ProxyError(502, "replay_loop", f"more than {MAX_REPLAYS} replays: a replay loop")
-        target, unavailable = self._replay_target(replay, origin)
-        headers = base.copy()
-        for name in replay.transform.delete_headers:
-            headers.popall(name, None)
-        for name, value in replay.transform.set_headers:
-            headers[name] = value
-        src = f"instance={origin.id};region={origin.region};t={time.time_ns() // 1000}"
-        if replay.state is not None:
-            src += f";state={replay.state}"
-        headers["fly-replay-src"] = src
-        if unavailable is not None:
-            headers["fly-preferred-instance-unavailable"] = unavailable
-        host = request.host.split(":")[0].lower()
-        rule = self.cache.rule_for(host, request.path)
-        if rule is not None:
-            headers["fly-replay-cache-status"] = "miss"
-        path = replay.transform.path or previous.path
-        if target is None:
-            return self._fallback(request, base, replay, origin, "no_candidate", 0.0)
-        if rule is not None and replay.cacheable:
-            key = rule.key(request.headers)
-            if key:
-                self.cache.remember_session(rule, key, target.id)
-        pattern = replay.cache.pattern or answer.headers.get("fly-replay-cache")
-        if replay.cache.invalidate or pattern == "invalidate":
-            for stale in (previous.path_cache, replay.cache.pattern):
-                if stale:
-                    self.cache.forget_path(stale)
-        elif pattern:
-            ttl = replay.cache.ttl or int(answer.headers.get("fly-replay-cache-ttl-secs", "60"))
-            self.cache.remember_path(pattern, target.id, ttl)
-        return Delivery(target, headers, path, replay.timeout, replay, origin)
-
-    def _fallback(
-        self,
-        request: web.Request,
-        base: CIMultiDict[str],
-        replay: Replay,
-        origin: Machine,
-        reason: str,
-        elapsed: float,
-    ) -> Delivery:
-        wanted = replay.instance or replay.prefer_instance or ""
-        if replay.fallback is None:
-            status = 504 if reason == "timeout" else 502
-            raise ProxyError(status, reason, f"fly-replay could not be delivered ({reason})")
-        machine: Machine | None = origin if origin.alive else None
-        if machine is None and replay.fallback == "prefer_self":
-            machine = self._balance()
-        if machine is None:
-            raise ProxyError(502, "fallback_failed", "the fallback machine is not running")
-        headers = base.copy()
-        headers["fly-replay-failed"] = (
-            f"instance={wanted};app={replay.app or self.fleet.app_name};"
-            f"region={','.join(replay.regions)};replay_source={origin.id};"
-            f"reason={reason};elapsed_ms={int(elapsed * 1000)}"
-        )
-        return Delivery(machine, headers, request.raw_path, fallback=True)
-
-    async def _route(
-        self,
-        request: web.Request,
-        send: Callable[[Delivery], Awaitable[Answer]],
-    ) -> web.StreamResponse:
-        base = self._edge_headers(request)
-        delivery = self._first_delivery(request, base.copy())
-        tried: set[str] = set()
-        loop = asyncio.get_running_loop()
-        while True:
-            machine = delivery.machine
-            machine.counters.requests += 1
-            began = loop.time()
-            try:
-                answer = await send(delivery)
-            except (aiohttp.ClientConnectionError, Timeout, OSError) as error:
-                machine.counters.errors += 1
-                if delivery.replay is not None and delivery.origin is not None:
-                    reason = "timeout" if isinstance(error, Timeout) else "retries_exhausted"
-                    delivery = self._fallback(
-                        request, base, delivery.replay, delivery.origin, reason, loop.time() - began
-                    )
-                    continue
-                tried.add(machine.id)
-                retry = self._balance(tried) if not delivery.fallback else None
-                if retry is None or request.headers.get("fly-force-instance-id"):
-                    raise ProxyError(
-                        502, "machine_unreachable", f"machine {machine.id}: {error}"
-                    ) from None
-                delivery = Delivery(retry, delivery.headers, delivery.path)
-                continue
-            replay = self._replay_of(answer)
-            if replay is None:
-                if answer.status >= 500:
-                    machine.counters.errors += 1
-                if answer.headers.get("fly-replay-cache") == "invalidate" and delivery.path_cache:
-                    self.cache.forget_path(delivery.path_cache)
-                machine.counters.served += 1
-                assert answer.finish is not None
-                return await answer.finish()
-            machine.counters.replays += 1
-            delivery = self._replayed_delivery(request, base, delivery, replay, answer)
-
-    # ------------------------------------------------------------------ HTTP
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        if not self._ready.is_set():
-            await self._ready.wait()
-        try:
-            if request.headers.get("upgrade", "").lower() == "websocket":
-                return await self._route(request, lambda d: self._send_websocket(request, d))
-            request[BODY] = await request.read()
-            return await self._route(request, lambda d: self._send_http(request, d))
-        except ReplayError as error:
-            self.stats.proxy_errors += 1
-            return self._error(502, "invalid_replay", str(error))
-        except ProxyError as error:
-            self.stats.proxy_errors += 1
-            return self._error(error.status, error.code, str(error))
-
-    @staticmethod
-    def _error(status: int, code: str, message: str) -> web.Response:
-        return web.Response(
-            status=status,
-            text=f"flysticky proxy emulator: {message}\n",
-            headers={"x-fly-emulator-error": code},
-        )
-
-    async def _send_http(self, request: web.Request, delivery: Delivery) -> Answer:
-        assert self._session is not None
-        body: bytes = request[BODY]
-        url = f"http://127.0.0.1:{delivery.machine.port}{delivery.path}"
-        headers = CIMultiDict(
-            (k, v) for k, v in delivery.headers.items() if k.lower() not in HOP_BY_HOP
-        )
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=delivery.timeout)
-        try:
-            upstream = await self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body if body or request.method not in ("GET", "HEAD") else None,
-                allow_redirects=False,
-                timeout=timeout,
-            )
-        except TimeoutError:
-            raise Timeout() from None
-        is_replay = "fly-replay" in upstream.headers or upstream.headers.get(
-            "content-type", ""
-        ).startswith(JSON_CONTENT_TYPE)
-        if is_replay:
-            async with upstream:
-                return Answer(upstream.status, upstream.headers, await upstream.read())
-
-        async def finish() -> web.StreamResponse:
-            async with upstream:
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                for name, value in upstream.headers.items():
-                    if name.lower() not in HOP_BY_HOP or name.lower() == "content-length":
-                        response.headers.add(name, value)
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_chunked(64 * 1024):
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
-
-        return Answer(upstream.status, upstream.headers, finish=finish)
-
-    # ------------------------------------------------------------------ websockets
-    async def _send_websocket(self, request: web.Request, delivery: Delivery) -> Answer:
-        assert self._session is not None
-        url = f"http://127.0.0.1:{delivery.machine.port}{delivery.path}"
-        headers = CIMultiDict(
-            (k, v)
-            for k, v in delivery.headers.items()
-            if k.lower() not in HOP_BY_HOP and k.lower() not in WEBSOCKET_HANDSHAKE
-        )
-        protocols = [
-            p.strip()
-            for p in request.headers.get("sec-websocket-protocol", "").split(",")
-            if p.strip()
-        ]
-        try:
-            upstream = await self._session.ws_connect(
-                url,
-                headers=headers,
-                protocols=protocols,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5),
-                autoping=True,
-            )
-        except aiohttp.WSServerHandshakeError as refused:
-            status = refused.status
-            answer_headers: CIMultiDictProxy[str] = CIMultiDictProxy(
-                CIMultiDict(refused.headers or {})
-            )
-
-            async def refuse() -> web.StreamResponse:
-                return web.Response(status=status, headers=_plain(answer_headers))
-
-            return Answer(status, answer_headers, finish=refuse)
-
-        async def finish() -> web.StreamResponse:
-            client = web.WebSocketResponse(protocols=protocols, autoping=True)
-            await client.prepare(request)
-            await _pump_both_ways(client, upstream)
-            return client
-
-        return Answer(101, CIMultiDictProxy(CIMultiDict()), finish=finish)
-
-    # ------------------------------------------------------------------ admin
     def describe(self) -> list[dict[str, Any]]:
         return [
             {
                 "id": m.id,
                 "region": m.region,
-                "state": m.state if m.state != "started" or m.alive else "crashed",
+                "state": m.facts().state,
                 "port": m.port,
                 "pid": m.pid,
                 "requests": m.counters.requests,
@@ -548,58 +237,413 @@ class Emulator:
             for m in self.fleet.machines
         ]
 
-    async def _admin_machines(self, request: web.Request) -> web.Response:
-        if request.method == "POST":
-            region = request.query.get("region")
-            machine = await self.fleet.add(region)
-            return web.json_response({"id": machine.id, "region": machine.region}, status=201)
-        return web.json_response(self.describe())
+    def fleet_facts(self) -> FleetFacts:
+        return FleetFacts(
+            tuple(m.facts() for m in self.fleet.machines),
+            self.fleet.app_name,
+            self.edge_region,
+            self.fleet.primary_region,
+            self.autostop.start,
+        )
 
-    async def _admin_action(self, request: web.Request) -> web.Response:
-        machine = self.fleet.get(request.match_info["id"])
-        action = request.match_info["action"]
-        if machine is None:
-            return web.json_response({"error": "no such machine"}, status=404)
-        actions = {
-            "kill": self.fleet.kill,
-            "stop": self.fleet.stop,
-            "start": self.fleet.start,
-            "restart": self.fleet.restart,
-            "destroy": self.fleet.destroy,
-        }
-        if action not in actions:
-            return web.json_response({"error": f"actions: {sorted(actions)}"}, status=404)
-        await actions[action](machine)
-        return web.json_response({"id": machine.id, "state": machine.state})
+    async def destroy(self, machine: Machine) -> None:
+        """Destroy a machine and forget every replay-cache entry that named it."""
+        await self.fleet.destroy(machine)
+        self.cache.forget_machine(machine.id)
+
+    # ------------------------------------------------------------------ autostop
+    async def _autostop_rounds(self) -> None:
+        while True:
+            await asyncio.sleep(self.idle_after / 4)
+            now = time.monotonic()
+            idle = {
+                m.id: now - m.last_active
+                for m in self.fleet.machines
+                if m.in_flight == 0 and not m.lock.locked()
+            }
+            for machine_id in machines_to_stop(
+                self.fleet_facts(), idle, self.idle_after, self.autostop.min_running
+            ):
+                machine = self.fleet.get(machine_id)
+                if machine is None:
+                    continue
+                with contextlib.suppress(MachineError):
+                    if self.autostop.stop == "suspend":
+                        await self.fleet.suspend(machine)
+                    else:
+                        await self.fleet.stop(machine)
+
+    # ------------------------------------------------------------------ routing
+    def _request_facts(self, request: web.Request, replayable: bool) -> RequestFacts:
+        target = request.raw_path
+        if not is_path(target):  # absolute-form and the like: never a new host
+            target = request.rel_url.raw_path_qs
+        return RequestFacts(
+            host=(request.url.host or "").lower(),
+            path=request.path,
+            target=target,
+            headers=request.headers,
+            body_replayable=replayable,
+            turn=next(self._rotation),
+        )
+
+    def _base_headers(self, request: web.Request) -> CIMultiDict[str]:
+        return CIMultiDict(
+            edge_headers(
+                list(request.headers.items()),
+                client_ip=request.remote or "127.0.0.1",
+                proto=self.forwarded_proto,
+                port=self.port,
+                edge_region=self.edge_region,
+                request_id=secrets.token_hex(13),
+                http_version=f"{request.version.major}.{request.version.minor}",
+            )
+        )
+
+    async def _route(
+        self,
+        request: web.Request,
+        replayable: bool,
+        send: Callable[[Machine, Deliver, CIMultiDict[str]], Awaitable[Answer]],
+    ) -> web.StreamResponse:
+        facts = self._request_facts(request, replayable)
+        base = self._base_headers(request)
+
+        def first(facts: RequestFacts) -> Decision:
+            return route_request(facts, self.fleet_facts(), self.cache)
+
+        step = first
+        decision = step(facts)
+        hops = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            if isinstance(decision, Refuse):
+                return self._refuse(decision)
+            decision.cache.apply(self.cache)
+            machine = self.fleet.get(decision.machine)
+            assert machine is not None, "routing chose a machine the fleet does not have"
+            try:
+                if decision.wake:
+                    await self.fleet.start(machine)
+                if decision.cache_hit:
+                    machine.counters.cache_hits += 1
+                machine.counters.requests += 1
+                began = loop.time()
+                answer = await send(machine, decision, _headers_for(base, decision))
+            except (MachineError, NotDelivered):
+                # It could not start, or refused the connection: nothing was sent, so the
+                # same rule may choose again without it.
+                machine.counters.errors += 1
+                facts = replace(facts, unavailable=facts.unavailable | {machine.id})
+                decision = step(facts)
+                continue
+            except DeliveryFailed as failure:
+                machine.counters.errors += 1
+                elapsed = int((loop.time() - began) * 1000)
+                decision = after_failure(
+                    facts, self.fleet_facts(), decision, failure.reason, elapsed
+                )
+                continue
+            if answer.invalid is not None:
+                machine.counters.errors += 1
+                return self._refuse(Refuse(502, "invalid_replay", answer.invalid))
+            if answer.replay is None:
+                if answer.status >= 500:
+                    machine.counters.errors += 1
+                if answer.headers.get("fly-replay-cache") == "invalidate" and decision.path_cache:
+                    self.cache.forget_path(decision.path_cache)
+                machine.counters.served += 1
+                return await answer.finish()
+            machine.counters.replays += 1
+            hops += 1
+            previous, replay, answer_headers = decision, answer.replay, answer.headers
+
+            def after_replay(
+                facts: RequestFacts,
+                previous: Deliver = previous,
+                replay: Replay = replay,
+                answer_headers: CIMultiDictProxy[str] = answer_headers,
+                hops: int = hops,
+            ) -> Decision:
+                return route_replay(
+                    facts,
+                    self.fleet_facts(),
+                    self.cache,
+                    previous,
+                    replay,
+                    answer_headers,
+                    hops,
+                    time.time_ns() // 1000,
+                )
+
+            step = after_replay
+            # A new replay starts from the machines as they are now.
+            facts = replace(facts, unavailable=frozenset())
+            decision = step(facts)
+
+    def _refuse(self, refusal: Refuse) -> web.Response:
+        self.stats.proxy_errors += 1
+        return web.Response(
+            status=refusal.status,
+            text=f"flysticky proxy emulator: {refusal.message}\n",
+            headers={"x-fly-emulator-error": refusal.code},
+        )
+
+    # ------------------------------------------------------------------ HTTP
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if not self._ready.is_set():
+            await self._ready.wait()
+        response: web.StreamResponse | None = None
+        try:
+            if request.headers.get("upgrade", "").lower() == "websocket":
+                return await self._websocket(request)
+            body = await _read_body(request)
+
+            async def send(
+                machine: Machine, delivery: Deliver, headers: CIMultiDict[str]
+            ) -> Answer:
+                return await self._send_http(request, machine, delivery, headers, body)
+
+            response = await self._route(request, body.complete, send)
+            return response
+        except ConnectionError:
+            # The client hung up: nothing to answer, nothing worth a traceback.
+            return response or web.Response(status=499)
+
+    def _url(self, machine: Machine, target: str) -> URL:
+        path, _, query = target.partition("?")
+        return URL.build(
+            scheme="http",
+            host="127.0.0.1",
+            port=machine.port,
+            path=path,
+            query_string=query,
+            encoded=True,
+        )
+
+    async def _send_http(
+        self,
+        request: web.Request,
+        machine: Machine,
+        delivery: Deliver,
+        headers: CIMultiDict[str],
+        body: Body,
+    ) -> Answer:
+        assert self._session is not None
+        data: bytes | AsyncIterator[bytes] | None
+        if body.complete:
+            data = body.head if body.head or request.method not in ("GET", "HEAD") else None
+        else:
+            data = body.chunks()
+            if request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
+        busy = contextlib.ExitStack()
+        busy.enter_context(machine.busy())
+        try:
+            async with asyncio.timeout(delivery.timeout):
+                upstream = await self._session.request(
+                    request.method,
+                    self._url(machine, delivery.target),
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+                )
+            replay, invalid = await _replay_of(upstream)
+        except aiohttp.ClientConnectorError as error:
+            busy.close()
+            raise NotDelivered(str(error)) from None
+        except TimeoutError:
+            busy.close()
+            raise DeliveryFailed(
+                "timeout", f"machine {machine.id} did not answer in time"
+            ) from None
+        except (aiohttp.ClientError, OSError) as error:
+            busy.close()
+            raise DeliveryFailed("retries_exhausted", f"machine {machine.id}: {error}") from None
+        if replay is not None or invalid is not None:
+            upstream.release()
+            busy.close()
+
+        async def finish() -> web.StreamResponse:
+            with busy:
+                async with upstream:
+                    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                    for name, value in upstream.headers.items():
+                        if name.lower() not in HOP_BY_HOP or name.lower() == "content-length":
+                            response.headers.add(name, value)
+                    await response.prepare(request)
+                    with contextlib.suppress(aiohttp.ClientPayloadError):
+                        async for chunk in upstream.content.iter_chunked(CHUNK):
+                            await response.write(chunk)
+                    await response.write_eof()
+                    return response
+
+        return Answer(replay, upstream.headers, upstream.status, finish, invalid)
+
+    # ------------------------------------------------------------------ websockets
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        protocols = [
+            p.strip()
+            for p in request.headers.get("sec-websocket-protocol", "").split(",")
+            if p.strip()
+        ]
+        if not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok:
+            # Checked before any machine is asked, so no upstream socket is left open.
+            return self._refuse(
+                Refuse(400, "bad_websocket_handshake", "not a valid websocket handshake")
+            )
+
+        async def send(machine: Machine, delivery: Deliver, headers: CIMultiDict[str]) -> Answer:
+            return await self._send_websocket(request, machine, delivery, headers, protocols)
+
+        return await self._route(request, True, send)
+
+    async def _send_websocket(
+        self,
+        request: web.Request,
+        machine: Machine,
+        delivery: Deliver,
+        headers: CIMultiDict[str],
+        protocols: list[str],
+    ) -> Answer:
+        assert self._session is not None
+        for name in WEBSOCKET_HANDSHAKE:
+            headers.popall(name, None)
+        try:
+            async with asyncio.timeout(delivery.timeout):
+                upstream = await self._session.ws_connect(
+                    self._url(machine, delivery.target),
+                    headers=headers,
+                    protocols=protocols,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5),
+                    autoping=True,
+                )
+        except aiohttp.ClientConnectorError as error:
+            raise NotDelivered(str(error)) from None
+        except TimeoutError:
+            raise DeliveryFailed(
+                "timeout", f"machine {machine.id} did not answer in time"
+            ) from None
+        except aiohttp.WSServerHandshakeError as refused:
+            # The machine answered the handshake without upgrading: a replay, or a refusal.
+            answer_headers = CIMultiDictProxy(CIMultiDict(refused.headers or {}))
+            status = refused.status
+            replay, invalid = _header_replay(answer_headers)
+
+            async def refuse() -> web.StreamResponse:
+                kept = CIMultiDict(
+                    (k, v) for k, v in answer_headers.items() if k.lower() not in HOP_BY_HOP
+                )
+                return web.Response(status=status, headers=kept)
+
+            return Answer(replay, answer_headers, status, refuse, invalid)
+        except (aiohttp.ClientError, OSError) as error:
+            raise DeliveryFailed("retries_exhausted", f"machine {machine.id}: {error}") from None
+
+        async def finish() -> web.StreamResponse:
+            client = web.WebSocketResponse(protocols=protocols, autoping=True)
+            try:
+                with machine.busy():
+                    await client.prepare(request)
+                    await _pump_both_ways(client, upstream)
+            finally:
+                await upstream.close()
+            return client
+
+        return Answer(None, CIMultiDictProxy(CIMultiDict()), 101, finish)
 
 
-def _plain(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def _headers_for(base: CIMultiDict[str], delivery: Deliver) -> CIMultiDict[str]:
+    headers = base.copy()
+    for name in delivery.delete_headers:
+        headers.popall(name, None)
+    for name, value in delivery.set_headers:
+        headers[name] = value
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
+
+
+async def _read_body(request: web.Request) -> Body:
+    """Hold the body only when a replay could need it: up to 1 MiB."""
+    length = request.content_length
+    if length is not None and length > REPLAY_BODY_LIMIT:
+        return Body(b"", False, request.content)
+    held = bytearray()
+    while len(held) <= REPLAY_BODY_LIMIT:
+        chunk = await request.content.read(REPLAY_BODY_LIMIT + 1 - len(held))
+        if not chunk:
+            return Body(bytes(held), True)
+        held += chunk
+    return Body(bytes(held), False, request.content)
+
+
+def _header_replay(headers: CIMultiDictProxy[str]) -> tuple[Replay | None, str | None]:
+    header = headers.get("fly-replay")
+    if header is None:
+        return None, None
+    try:
+        return parse_header(header), None
+    except ReplayError as error:
+        return None, str(error)
+
+
+async def _replay_of(upstream: aiohttp.ClientResponse) -> tuple[Replay | None, str | None]:
+    """The replay a machine's answer asks for (JSON body or header), or why it is invalid.
+
+    The JSON form is read only up to 1 MiB: a replay instruction is small.
+    """
+    content_type = upstream.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != JSON_CONTENT_TYPE:
+        return _header_replay(upstream.headers)
+    body = await upstream.content.read(REPLAY_BODY_LIMIT + 1)
+    if len(body) > REPLAY_BODY_LIMIT:
+        return None, "the fly-replay JSON body is over 1 MiB"
+    try:
+        return parse_json(body), None
+    except ReplayError as error:
+        return None, str(error)
+
+
+def _close_code(code: int | None, fallback: int) -> int:
+    """The code to pass on: the peer's own, or ``fallback`` when it sent none it could."""
+    if code is None or code in _UNSENDABLE:
+        return fallback
+    return code
 
 
 async def _forward(
     source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
     target: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
 ) -> None:
-    async for message in source:
-        if message.type == aiohttp.WSMsgType.TEXT:
-            await target.send_str(message.data)
-        elif message.type == aiohttp.WSMsgType.BINARY:
-            await target.send_bytes(message.data)
-    await target.close()
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        async for message in source:
+            if message.type == aiohttp.WSMsgType.TEXT:
+                await target.send_str(message.data)
+            elif message.type == aiohttp.WSMsgType.BINARY:
+                await target.send_bytes(message.data)
 
 
 async def _pump_both_ways(
     client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
 ) -> None:
-    tasks = [
-        asyncio.ensure_future(_forward(client, upstream)),
-        asyncio.ensure_future(_forward(upstream, client)),
-    ]
-    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    """Relay frames until one side closes, then close the other with the same code.
+
+    A machine that vanishes without a close frame (killed, crashed) gives the client
+    1011 (internal error), not a clean 1000; a client that vanishes gives the machine
+    1001 (going away).
+    """
+    to_machine = asyncio.ensure_future(_forward(client, upstream))
+    to_client = asyncio.ensure_future(_forward(upstream, client))
+    done, pending = await asyncio.wait((to_machine, to_client), return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-    await upstream.close()
-    await client.close()
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        if to_client in done:
+            code = _close_code(upstream.close_code, 1011)
+            await client.close(code=code, message=b"" if code != 1011 else b"machine went away")
+            await upstream.close()
+        else:
+            await upstream.close(code=_close_code(client.close_code, 1001))
+            await client.close()

@@ -1,22 +1,43 @@
-"""Local "machines": one real process each, with the environment Fly gives a machine."""
+"""Local "machines": one real process group each, with the environment Fly gives a machine.
+
+States as Fly has them (shared/fly-platform.md, "Machine states"): ``started``;
+``stopped`` (process gone, memory lost); ``suspended`` (process group frozen with SIGSTOP,
+memory kept, SIGCONT resumes it); ``crashed`` (the process exited without being asked,
+or was killed: to Fly a stopped machine, started again when a request is aimed at it);
+``destroyed`` (gone for good). ``starting``/``stopping`` are the moments in between.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import secrets
 import signal
 import socket
 import sys
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from ..regions import region_problem
+from .routing import MachineFacts, State
+
+#: Fly's defaults for a machine stop: kill_signal SIGINT, kill_timeout 5 s, then SIGKILL.
+KILL_SIGNAL = signal.SIGINT
+KILL_TIMEOUT = 5.0
+#: Longest output line kept whole; longer ones are cut (the reader never stops reading,
+#: so a machine never blocks on a full pipe).
+MAX_LINE = 64 * 1024
+_PR_SET_PDEATHSIG = 1
 
 
 class MachineError(RuntimeError):
-    """A machine that could not be started; the message says what it printed."""
+    """A machine that could not be started or changed; the message says why."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,10 +70,13 @@ class Machine:
     region: str
     port: int
     process: asyncio.subprocess.Process | None = None
-    state: str = "created"  # created | starting | started | stopped | destroyed
+    state: State = "stopped"
     counters: Counters = field(default_factory=Counters)
     output: deque[str] = field(default_factory=lambda: deque(maxlen=200))
-    _pump: asyncio.Task[None] | None = None
+    in_flight: int = 0  # requests and websockets the proxy has open to it
+    last_active: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one lifecycle change at a time
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def alive(self) -> bool:
@@ -64,9 +88,54 @@ class Machine:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    def facts(self) -> MachineFacts:
+        # A process that died since the watcher last ran is crashed already.
+        state: State = "crashed" if self.state == "started" and not self.alive else self.state
+        return MachineFacts(self.id, self.region, state)
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Counts a request or websocket as in flight, for autostop's idle clock."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self.last_active = time.monotonic()
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A preexec function: the kernel SIGKILLs the machine if the proxy dies, even by
+    SIGKILL (Linux's PR_SET_PDEATHSIG); elsewhere, None."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arrange() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the proxy died before prctl took effect
+            os._exit(1)
+
+    return arrange
+
+
+def _frozen(pid: int) -> bool:
+    """The process is stopped by a signal (Linux's /proc says T); elsewhere, assumed."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def _signal_group(process: asyncio.subprocess.Process, sig: int) -> None:
+    # start_new_session made the machine a group leader: its pid is the group's id.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
 
 class Fleet:
-    """Starts, kills, restarts and adds machines running one command."""
+    """Starts, stops, suspends, crashes, destroys and adds machines running one command."""
 
     def __init__(
         self,
@@ -78,9 +147,14 @@ class Fleet:
         env: dict[str, str] | None = None,
         echo: bool = False,
         ready_timeout: float = 30.0,
+        kill_timeout: float = KILL_TIMEOUT,
     ) -> None:
         if not command:
             raise MachineError("no command to run on the machines")
+        for region in regions:
+            problem = region_problem(region)
+            if problem is not None:
+                raise ValueError(problem)
         self.command = list(command)
         self.app_name = app_name
         self.regions = list(regions)
@@ -88,7 +162,12 @@ class Fleet:
         self.env = dict(env or {})
         self.echo = echo
         self.ready_timeout = ready_timeout
+        self.kill_timeout = kill_timeout
         self.machines: list[Machine] = []
+
+    @property
+    def primary_region(self) -> str:
+        return self.regions[0]
 
     def live(self) -> list[Machine]:
         return [m for m in self.machines if m.alive]
@@ -114,8 +193,11 @@ class Fleet:
                 "FLY_MACHINE_VERSION": "local",
                 "FLY_PROCESS_GROUP": "app",
                 "FLY_VM_MEMORY_MB": "256",
-                "PRIMARY_REGION": self.regions[0],
+                "PRIMARY_REGION": self.primary_region,
                 "PORT": str(machine.port),
+                # Not a Fly variable: apps that read HOST (the template's do) then listen
+                # on loopback only, like the proxy, not on every interface of the laptop.
+                "HOST": "127.0.0.1",
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -129,21 +211,87 @@ class Fleet:
         }
         return [values.get(arg, arg) for arg in self.command]
 
+    # ------------------------------------------------------------------ lifecycle
     async def add(self, region: str | None = None) -> Machine:
-        index = len(self.machines)
-        machine = Machine(
-            new_machine_id(), region or self.regions[index % len(self.regions)], free_port()
-        )
+        """A new machine, started; a bad region is a ValueError and adds nothing."""
+        region = region or self.regions[len(self.machines) % len(self.regions)]
+        problem = region_problem(region)
+        if problem is not None:
+            raise ValueError(problem)
+        machine = Machine(new_machine_id(), region, free_port())
         self.machines.append(machine)
-        await self.start(machine)
+        try:
+            await self.start(machine)
+        except BaseException:
+            self.machines.remove(machine)
+            raise
         return machine
 
     async def start(self, machine: Machine) -> None:
-        if machine.alive:
-            return
+        """Start a stopped or crashed machine, resume a suspended one; a started one stays."""
+        async with machine.lock:
+            if machine.state == "destroyed":
+                raise MachineError(f"machine {machine.id} is destroyed")
+            if machine.alive:
+                return
+            process = machine.process
+            if machine.state == "suspended" and process is not None and process.returncode is None:
+                _signal_group(process, signal.SIGCONT)
+                machine.state = "started"
+                return
+            await self._end(machine, signal.SIGKILL)
+            await self._spawn(machine)
+
+    async def stop(self, machine: Machine) -> None:
+        """``fly machine stop``: kill_signal, then SIGKILL after kill_timeout; memory lost."""
+        async with machine.lock:
+            if machine.state != "destroyed":
+                await self._end(machine, KILL_SIGNAL)
+                machine.state = "stopped"
+
+    async def suspend(self, machine: Machine) -> None:
+        """Autostop's "suspend": the process group is frozen, memory and sockets kept."""
+        async with machine.lock:
+            if not machine.alive or machine.process is None:
+                raise MachineError(
+                    f"machine {machine.id} is {machine.facts().state}: only a started "
+                    "machine can be suspended"
+                )
+            _signal_group(machine.process, signal.SIGSTOP)
+            for _ in range(100):  # the signal is delivered asynchronously
+                if _frozen(machine.process.pid):
+                    break
+                await asyncio.sleep(0.01)
+            machine.state = "suspended"
+
+    async def kill(self, machine: Machine) -> None:
+        """A crash: SIGKILL to the machine and its children, memory gone, id kept."""
+        async with machine.lock:
+            if machine.state != "destroyed":
+                await self._end(machine, signal.SIGKILL)
+                machine.state = "crashed"
+
+    async def restart(self, machine: Machine) -> None:
+        async with machine.lock:
+            if machine.state == "destroyed":
+                raise MachineError(f"machine {machine.id} is destroyed")
+            await self._end(machine, KILL_SIGNAL)
+            await self._spawn(machine)
+
+    async def destroy(self, machine: Machine) -> None:
+        async with machine.lock:
+            await self._end(machine, signal.SIGKILL)
+            machine.state = "destroyed"
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.stop(m) for m in self.machines), return_exceptions=True)
+
+    # ------------------------------------------------------------------ processes
+    async def _spawn(self, machine: Machine) -> None:
         machine.port = free_port()
+        machine.state = "starting"  # not given traffic until it listens
         try:
-            machine.process = await asyncio.create_subprocess_exec(
+            process = await asyncio.create_subprocess_exec(
                 *self._argv(machine),
                 cwd=self.cwd,
                 env=self._environment(machine),
@@ -151,33 +299,80 @@ class Fleet:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # its own group: stopping it stops its children
+                preexec_fn=_die_with_parent(os.getpid()),
             )
         except OSError as error:
-            machine.state = "stopped"
+            machine.state = "crashed"
             raise MachineError(f"cannot run {self.command[0]!r}: {error.strerror}") from None
-        machine.state = "starting"  # not given traffic until it listens
-        machine._pump = asyncio.create_task(self._read_output(machine))
-        await self._wait_ready(machine)
+        machine.process = process
+        self._track(machine, self._read_output(machine, process))
+        try:
+            await self._wait_ready(machine, process)
+        except BaseException:
+            # Cancelled (Ctrl-C during start-up) or never came up: nothing may outlive it.
+            await self._end(machine, signal.SIGKILL)
+            machine.state = "crashed"
+            raise
         machine.state = "started"
+        machine.last_active = time.monotonic()
+        self._track(machine, self._watch(machine, process))
 
-    async def _read_output(self, machine: Machine) -> None:
+    def _track(self, machine: Machine, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        machine._tasks.add(task)
+        task.add_done_callback(machine._tasks.discard)
+
+    async def _watch(self, machine: Machine, process: asyncio.subprocess.Process) -> None:
+        # returncode, not wait(): wait() also waits for the output pipe, which a child
+        # that outlived its parent still holds open.
+        while process.returncode is None:
+            await asyncio.sleep(0.05)
+        if machine.process is process and machine.state in ("started", "suspended"):
+            machine.state = "crashed"
+            _signal_group(process, signal.SIGKILL)  # its children go with it
+
+    async def _end(self, machine: Machine, sig: int) -> None:
+        """Signal the machine's process group, wait up to kill_timeout, then SIGKILL it."""
         process = machine.process
-        assert process is not None and process.stdout is not None
-        while line := await process.stdout.readline():
-            text = line.decode(errors="replace").rstrip()
-            machine.output.append(text)
-            if self.echo:
-                print(f"[{machine.id} {machine.region}] {text}", file=sys.stderr, flush=True)
+        if process is None:
+            return
+        machine.state = "stopping"
+        if process.returncode is None:
+            _signal_group(process, sig)
+            _signal_group(process, signal.SIGCONT)  # a suspended group must run to exit
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.kill_timeout
+            while process.returncode is None and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+        _signal_group(process, signal.SIGKILL)  # the group: children that outlived it too
+        with contextlib.suppress(TimeoutError):
+            # Reaps it; a child that left the group may keep the output pipe open.
+            await asyncio.wait_for(asyncio.shield(process.wait()), 2)
 
-    async def _wait_ready(self, machine: Machine) -> None:
+    async def _read_output(self, machine: Machine, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        pending = b""
+        while chunk := await process.stdout.read(MAX_LINE):
+            *lines, pending = (pending + chunk).split(b"\n")
+            if len(pending) > MAX_LINE:
+                lines.append(pending[:MAX_LINE] + b" [line cut at 64 KiB]")
+                pending = b""
+            for line in lines:
+                self._print(machine, line.decode(errors="replace").rstrip())
+        if pending:
+            self._print(machine, pending.decode(errors="replace").rstrip())
+
+    def _print(self, machine: Machine, text: str) -> None:
+        machine.output.append(text)
+        if self.echo:
+            print(f"[{machine.id} {machine.region}] {text}", file=sys.stderr, flush=True)
+
+    async def _wait_ready(self, machine: Machine, process: asyncio.subprocess.Process) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ready_timeout
-        process = machine.process
-        assert process is not None
         while loop.time() < deadline:
             if process.returncode is not None:
                 await asyncio.sleep(0.1)  # let the last output arrive
-                machine.state = "stopped"
                 raise MachineError(
                     f"machine {machine.id} exited with code {process.returncode} before "
                     f"listening on port {machine.port}; it printed:\n" + self.tail(machine)
@@ -191,7 +386,6 @@ class Fleet:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
             return
-        await self.stop(machine)
         raise MachineError(
             f"machine {machine.id} did not listen on port {machine.port} within "
             f"{self.ready_timeout:.0f}s; it printed:\n" + self.tail(machine)
@@ -199,37 +393,3 @@ class Fleet:
 
     def tail(self, machine: Machine, lines: int = 15) -> str:
         return "\n".join(list(machine.output)[-lines:]) or "(nothing)"
-
-    async def stop(self, machine: Machine, *, hard: bool = False) -> None:
-        """Stop the machine's process group: SIGTERM (or SIGKILL when ``hard``), then wait."""
-        process = machine.process
-        if machine.state in ("starting", "started"):
-            machine.state = "stopped"
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL if hard else signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), 5)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
-        if machine._pump is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(machine._pump, 2)
-
-    async def kill(self, machine: Machine) -> None:
-        """A crash: SIGKILL, memory gone, id kept (``restart`` brings it back)."""
-        await self.stop(machine, hard=True)
-
-    async def restart(self, machine: Machine) -> None:
-        await self.stop(machine)
-        await self.start(machine)
-
-    async def destroy(self, machine: Machine) -> None:
-        await self.stop(machine, hard=True)
-        machine.state = "destroyed"
-
-    async def close(self) -> None:
-        await asyncio.gather(*(self.stop(m) for m in self.machines), return_exceptions=True)
