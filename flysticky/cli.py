@@ -5,19 +5,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 import tempfile
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .regions import region_problem
+
 PACKAGE = Path(__file__).parent
 KEYS = (
-    "keys: k N kills machine N (a crash: its sessions move and re-pin), r N restarts it,\n"
-    "      d N destroys it, a [REGION] adds a machine, s shows counters, q quits"
+    "keys (N: a machine's number or id): k N crashes it (memory lost; restarted when a\n"
+    "      request is aimed at it), o N stops it (memory lost), z N suspends it (memory\n"
+    "      kept), u N starts or resumes it, r N restarts it, d N destroys it (its sessions\n"
+    "      move and re-pin), a [REGION] adds a machine, s shows counters, q quits"
 )
+#: Terminal keys and the Fleet/Emulator operations they run.
+ACTIONS = {
+    "k": "crash",
+    "o": "stop",
+    "z": "suspend",
+    "u": "start",
+    "r": "restart",
+    "d": "destroy",
+}
 
 
 def template_dir() -> Path:
@@ -44,9 +57,23 @@ def _port(text: str) -> int:
 
 def _regions(text: str) -> list[str]:
     regions = [r.strip().lower() for r in text.split(",") if r.strip()]
-    if not regions or not all(r.isalpha() and len(r) == 3 for r in regions):
+    if not regions:
         raise argparse.ArgumentTypeError(f"{text!r}: region codes such as iad or iad,ams")
+    for region in regions:
+        problem = region_problem(region)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
     return regions
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of seconds, such as 30 or 0.5")
+    return value
 
 
 def _add_proxy_options(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +90,13 @@ def _add_proxy_options(parser: argparse.ArgumentParser) -> None:
         help="X-Forwarded-Proto to send, as if TLS ended at the edge (default http)",
     )
     parser.add_argument("--quiet", action="store_true", help="do not echo the machines' output")
+    parser.add_argument(
+        "--idle-after",
+        type=_seconds,
+        default=60.0,
+        help="with fly.toml's auto_stop_machines, stop or suspend a machine idle this many "
+        "seconds (Fly: a few minutes; default 60)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +167,9 @@ def _new(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cookiecutter.exceptions import CookiecutterException, FailedHookException
     from cookiecutter.main import cookiecutter
 
+    # cookiecutter logs a failed hook with its traceback; the hook has said what was
+    # wrong, and every other failure is printed below as one line.
+    logging.getLogger("cookiecutter").addHandler(logging.NullHandler())
     context: dict[str, Any] = {}
     for item in args.context:
         key, sep, value = item.partition("=")
@@ -148,12 +185,18 @@ def _new(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     except FailedHookException:
         return 1  # the hook has said what was wrong
-    except (CookiecutterException, ValueError) as error:
-        # ValueError: cookiecutter's own refusal of a value outside a choice list.
-        print(f"error: {error}", file=sys.stderr)
+    except (CookiecutterException, ValueError, OSError) as error:
+        # ValueError: cookiecutter's own refusal of a value outside a choice list;
+        # OSError: an output directory that is a file, or that cannot be written.
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 1
     print(f"created {path}")
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return " ".join(text.split())
 
 
 def _proxy(args: argparse.Namespace, command: list[str], parser: argparse.ArgumentParser) -> int:
@@ -195,20 +238,19 @@ def _run(
     app_name: str | None,
     banner: str | None,
 ) -> int:
-    from .proxy.cache import FlyTomlError, load_rules
+    from .proxy.flytoml import FlyToml, FlyTomlError, load
     from .proxy.machines import MachineError
 
-    rules = []
+    config = FlyToml()
     if fly_toml is not None:
         try:
-            rules = load_rules(fly_toml)
-            app_name = app_name or tomllib.loads(fly_toml.read_text()).get("app")
+            config = load(fly_toml)
         except FlyTomlError as error:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {fly_toml}: {error}", file=sys.stderr)
             return 2
     try:
-        asyncio.run(_serve(args, command, cwd, rules, app_name or "flysticky-local", banner))
-    except (MachineError, OSError) as error:
+        asyncio.run(_serve(args, command, cwd, config, app_name or config.app, banner))
+    except (MachineError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
@@ -218,37 +260,56 @@ async def _serve(
     args: argparse.Namespace,
     command: list[str],
     cwd: Path,
-    rules: list[Any],
-    app_name: str,
+    config: Any,
+    app_name: str | None,
     banner: str | None,
 ) -> None:
     from .proxy.emulator import ADMIN_PREFIX, Emulator
     from .proxy.machines import Fleet, MachineError
 
+    app_name = app_name or "flysticky-local"
     fleet = Fleet(command, app_name=app_name, regions=args.regions, cwd=cwd, echo=not args.quiet)
     emulator = Emulator(
         fleet,
         host=args.host,
         port=args.port,
-        cache_rules=rules,
+        cache_rules=config.cache_rules,
         forwarded_proto=args.forwarded_proto,
+        autostop=config.autostop,
+        idle_after=args.idle_after,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await emulator.start(args.machines)
+        # Ctrl-C while machines start must not wait for them to come up.
+        starting = asyncio.create_task(emulator.start(args.machines))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return
+        starting.result()
+        autostop = config.autostop
         say(
             f"{banner or 'flysticky proxy'} behind a local Fly proxy emulator "
-            f"(app {app_name}, {len(rules)} replay-cache rule(s))\n"
+            f"(app {app_name}, {len(config.cache_rules)} replay-cache rule(s), "
+            f"auto_stop_machines={autostop.stop!r}"
+            + (f" after {args.idle_after:g}s idle" if autostop.stop != "off" else "")
+            + f", auto_start_machines={str(autostop.start).lower()}, "
+            f"min_machines_running={autostop.min_running})\n"
             f"  open  {emulator.url}/\n"
             + "".join(
                 f"  machine {i}: {m.id} {m.region} pid {m.pid}\n"
                 for i, m in enumerate(fleet.machines, 1)
             )
             + f"  {KEYS}\n"
-            f"  or:   curl -X POST {emulator.url}{ADMIN_PREFIX}/machines/<id>/kill\n"
+            f"  or:   curl -X POST {emulator.url}{ADMIN_PREFIX}/machines/<id>/"
+            "crash|stop|suspend|start|restart|destroy\n"
             "  Ctrl-C stops the proxy and every machine it started."
         )
         tasks = [asyncio.create_task(_show_counters(emulator, stop))]
@@ -327,7 +388,23 @@ async def _read_keys(emulator: Any, stop: asyncio.Event) -> None:
             say(message)
 
 
+def _machine(emulator: Any, word: str) -> tuple[Any, str]:
+    """The machine a key names: its number in the list, or a prefix of its id (hex ids
+    also look like numbers, so an all-digit word is only ever a number)."""
+    machines = emulator.fleet.machines
+    if word.isdigit():
+        if 1 <= int(word) <= len(machines):
+            return machines[int(word) - 1], ""
+        return None, f"no machine number {word}: there are {len(machines)} (1-{len(machines)})"
+    chosen = [m for m in machines if m.id.startswith(word.lower())]
+    if len(chosen) != 1:
+        return None, f"no single machine {word!r}: give its number (1-{len(machines)}) or id"
+    return chosen[0], ""
+
+
 async def _key(emulator: Any, words: list[str], stop: asyncio.Event) -> str:
+    from .proxy.machines import MachineError
+
     if not words:
         return ""
     key, rest = words[0].lower(), words[1:]
@@ -337,21 +414,29 @@ async def _key(emulator: Any, words: list[str], stop: asyncio.Event) -> str:
     if key == "s":
         return _summary(emulator)
     if key == "a":
-        machine = await emulator.fleet.add(rest[0] if rest else None)
+        try:
+            machine = await emulator.fleet.add(rest[0] if rest else None)
+        except ValueError as error:
+            return f"error: {error}"
         return f"added machine {len(emulator.fleet.machines)}: {machine.id} {machine.region}"
-    actions = {"k": "kill", "r": "restart", "d": "destroy"}
-    if key in actions and rest:
-        machines = emulator.fleet.machines
-        word = rest[0]
-        # A number is a machine's place in the list; anything else, a prefix of its id.
-        if word.isdigit() and 1 <= int(word) <= len(machines):
-            chosen = [machines[int(word) - 1]]
-        else:
-            chosen = [m for m in machines if m.id.startswith(word)]
-        if len(chosen) != 1:
-            return f"no single machine {word!r}: give its number (1-{len(machines)}) or id"
-        await getattr(emulator.fleet, actions[key])(chosen[0])
-        return f"{actions[key]}: machine {chosen[0].id} is {chosen[0].state}"
+    if key in ACTIONS and rest:
+        machine, problem = _machine(emulator, rest[0])
+        if machine is None:
+            return f"error: {problem}"
+        action = ACTIONS[key]
+        operations = {
+            "crash": emulator.fleet.kill,
+            "stop": emulator.fleet.stop,
+            "suspend": emulator.fleet.suspend,
+            "start": emulator.fleet.start,
+            "restart": emulator.fleet.restart,
+            "destroy": emulator.destroy,
+        }
+        try:
+            await operations[action](machine)
+        except MachineError as error:
+            return f"error: {error}"
+        return f"{action}: machine {machine.id} is {machine.facts().state}"
     return KEYS
 
 

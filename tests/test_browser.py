@@ -125,7 +125,8 @@ def test_demo_page_sticks_then_heals(browser: object, demo: tuple[str, str]) -> 
         )
         page.screenshot(path=str(ARTIFACTS / f"demo-{framework}-pinned.png"), full_page=True)
 
-        admin(url, f"/machines/{machine}/kill", method="POST")
+        # Destroyed (a crash would restart it in place): the session must move and re-pin.
+        admin(url, f"/machines/{machine}/destroy", method="POST")
         response = page.reload()
         assert response is not None and response.status == 200
         after = page.text_content("#machine")

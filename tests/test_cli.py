@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
 import subprocess
@@ -14,7 +16,7 @@ import pytest
 
 from flysticky.proxy.machines import free_port
 
-from .emulator_fixtures import HERE, assert_all_stopped
+from .emulator_fixtures import ECHO, HERE, assert_all_stopped
 
 CLI = [sys.executable, "-m", "flysticky.cli"]
 
@@ -46,7 +48,8 @@ def run(
         ),
         (["proxy", "--machines", "1", "nomodule_xyz:app"], "cannot import 'nomodule_xyz'"),
         (["proxy", "--machines", "0", "app:app"], "must be 1 or more"),
-        (["proxy", "--regions", "iad,x", "app:app"], "region codes"),
+        (["proxy", "--regions", "iad,x", "app:app"], "'x' is not a Fly.io region"),
+        (["proxy", "--regions", "sea", "app:app"], "region 'sea' is retired on Fly.io: use 'sjc'"),
         (["proxy", "app:app", "--", "python", "x.py"], "not both"),
         (["proxy"], "not both"),
     ],
@@ -149,27 +152,50 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert run_tests in root.joinpath(".ci", "run").read_text().splitlines()
 
 
-async def test_terminal_keys_kill_restart_add_and_quit() -> None:
+async def test_terminal_keys_change_machine_states() -> None:
     import asyncio
 
     from flysticky.cli import _key
 
     from .emulator_fixtures import running
 
-    async with running(machines=2) as (emulator, _):
+    async with running(machines=3) as (emulator, _):
         stop = asyncio.Event()
-        first = emulator.fleet.machines[0]
-        assert "kill: machine" in await _key(emulator, ["k", "1"], stop)
-        assert not first.alive
+        first, second, third = emulator.fleet.machines
+        assert "crash: machine" in await _key(emulator, ["k", "1"], stop)
+        assert first.facts().state == "crashed"
         assert "restart: machine" in await _key(emulator, ["r", first.id[:6]], stop)
         assert first.alive
-        assert "added machine 3" in await _key(emulator, ["a", "ams"], stop)
-        assert emulator.fleet.machines[2].region == "ams"
+        suspended = await _key(emulator, ["z", "2"], stop)
+        assert suspended == f"suspend: machine {second.id} is suspended"
+        assert await _key(emulator, ["u", "2"], stop) == f"start: machine {second.id} is started"
+        assert await _key(emulator, ["o", "3"], stop) == f"stop: machine {third.id} is stopped"
+        assert "error: machine" in await _key(emulator, ["z", "3"], stop)  # not started
+        assert await _key(emulator, ["d", "3"], stop) == f"destroy: machine {third.id} is destroyed"
+        assert "added machine 4" in await _key(emulator, ["a", "ams"], stop)
+        assert emulator.fleet.machines[3].region == "ams"
+        assert "retired" in await _key(emulator, ["a", "sea"], stop)
+        assert len(emulator.fleet.machines) == 4
         assert "total:" in await _key(emulator, ["s"], stop)
         assert "no single machine" in await _key(emulator, ["k", "zz"], stop)  # ids are hex
-        assert "keys:" in await _key(emulator, ["?"], stop)
+        assert "keys" in await _key(emulator, ["?"], stop)
         await _key(emulator, ["q"], stop)
         assert stop.is_set()
+
+
+async def test_a_number_out_of_range_is_an_error_not_an_id_prefix() -> None:
+    import asyncio
+
+    from flysticky.cli import _key
+
+    from .emulator_fixtures import running
+
+    async with running(machines=3) as (emulator, _):
+        # An id made to start with 9: "k 9" must not reach it.
+        emulator.fleet.machines[2].id = "9" + emulator.fleet.machines[2].id[1:]
+        answer = await _key(emulator, ["k", "9"], asyncio.Event())
+        assert answer == "error: no machine number 9: there are 3 (1-3)"
+        assert all(m.alive for m in emulator.fleet.machines)
 
 
 def test_import_flysticky_needs_neither_framework() -> None:
@@ -182,3 +208,116 @@ def test_import_flysticky_needs_neither_framework() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "abc"
+
+
+@pytest.mark.parametrize(
+    ("fly_toml", "message"),
+    [
+        ("x = [", "fly.toml: cannot read it as TOML: "),
+        ("app = 5", "app=5: the app's name, a string"),
+        ("http_service = 5", "http_service=5: must be a table"),
+        ("[http_service]\nhttp_options = 3", "http_service.http_options=3: must be a table"),
+        ("[http_service.http_options]\nreplay_cache = 3", "replay_cache=3: must be an array"),
+        ("[[http_service.http_options.replay_cache]]\npath_prefix = 5", "path_prefix=5: a path"),
+        ('[http_service]\nauto_stop_machines = "later"', "auto_stop_machines='later': one of"),
+        ('[http_service]\nauto_start_machines = "yes"', "auto_start_machines='yes': true or"),
+        ("[http_service]\nmin_machines_running = -1", "min_machines_running=-1: a whole"),
+    ],
+)
+def test_each_malformed_fly_toml_is_one_line(tmp_path: Path, fly_toml: str, message: str) -> None:
+    tmp_path.joinpath("fly.toml").write_text(fly_toml + "\n")
+    result = run(["proxy", "--port", str(free_port()), "app:app"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_unresolvable_host_is_one_line() -> None:
+    result = run(["proxy", "--host", "no-such-host.invalid", "--machines", "1", "app:app"])
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot listen on no-such-host.invalid:8080: ")
+    assert "Unknown error" not in result.stderr  # the resolver's own words, not an errno
+    assert result.stderr.count("\n") == 1
+
+
+def test_new_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    unwritable = Path("/proc/no-such-dir") if os.geteuid() == 0 else tmp_path / "ro"
+    if os.geteuid() != 0:
+        unwritable.mkdir(mode=0o555)
+    for output in (a_file, unwritable):
+        result = run(["new", "--no-input", "--output-dir", str(output)], timeout=120)
+        assert result.returncode == 1
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    result = run(["new", "--no-input", f"--output-dir={tmp_path}", "primary_region=sea"])
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "use 'sjc'" in result.stdout + result.stderr
+
+
+def machine_pids(port: int, count: int, deadline: float) -> list[int]:
+    """The pids of the proxy's machines, once ``count`` of them are started."""
+    while True:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/.fly-emulator/machines", timeout=2
+            ) as response:
+                machines = json.loads(response.read())
+            if [m["state"] for m in machines] == ["started"] * count:
+                return [m["pid"] for m in machines]
+        except OSError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_proxy_killed_by_sigkill_takes_its_machines_with_it() -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [*CLI, "proxy", "--port", str(port), "--machines", "2", "--quiet", "--", *ECHO],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        pids = machine_pids(port, 2, time.monotonic() + 30)
+    finally:
+        process.kill()
+        process.wait(10)
+    assert len(pids) == 2
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert_all_stopped([pid for pid in pids if alive(pid)])
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ctrl_c_during_start_up_stops_everything_at_once(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    never_listens = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    command = [sys.executable, "-c", never_listens]
+    process = subprocess.Popen(
+        [*CLI, "proxy", "--port", str(free_port()), "--machines", "1", "--quiet", "--", *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    machine = int(pid_file.read_text())
+    process.send_signal(signal.SIGINT)
+    began = time.monotonic()
+    _, err = process.communicate(timeout=30)
+    assert time.monotonic() - began < 2, err
+    assert "Traceback" not in err
+    assert not alive(machine)

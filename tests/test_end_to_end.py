@@ -70,13 +70,13 @@ async def test_fifty_sessions_each_stick_to_one_machine(framework: str) -> None:
         assert set(spread) == {m.id for m in emulator.fleet.machines}  # all three got sessions
 
 
-async def test_killed_machine_sessions_heal_and_are_repinned(framework: str) -> None:
+async def test_destroyed_machine_sessions_heal_and_are_repinned(framework: str) -> None:
     async with running(SERVE, env=fleet_env(framework)) as (emulator, _):
         pins = await pinned_sessions(emulator.url, 12)
         victim_id = Counter(machine for _, machine in pins).most_common(1)[0][0]
         victim = emulator.fleet.get(victim_id)
         assert victim is not None
-        await emulator.fleet.kill(victim)
+        await emulator.destroy(victim)
         try:
             for client, machine in pins:
                 status, body = await whoami(client)
@@ -98,14 +98,14 @@ async def test_killed_machine_sessions_heal_and_are_repinned(framework: str) -> 
 
 async def test_strict_mode_fails_sessions_of_a_dead_machine(framework: str) -> None:
     # echofly's behaviour, as the README says: instance=<id> cannot be delivered
-    # once the machine is gone, so the proxy answers an error until the cookie goes.
+    # once the machine is destroyed, so the proxy answers an error until the cookie goes.
     async with running(SERVE, env=fleet_env(framework, "instance")) as (emulator, _):
         pins = await pinned_sessions(emulator.url, 9)
         try:
             victim_id = pins[0][1]
             victim = emulator.fleet.get(victim_id)
             assert victim is not None
-            await emulator.fleet.kill(victim)
+            await emulator.destroy(victim)
             outcomes = set()
             for client, machine in pins:
                 for _ in range(3):
