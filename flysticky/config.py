@@ -33,9 +33,13 @@ def is_cookie_name(value: object) -> bool:
 
 
 def _is_async_callable(value: object) -> bool:
-    """An ``async def`` function, a partial of one, or an object whose ``__call__`` is."""
-    return inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(
-        getattr(value, "__call__", None)  # noqa: B004 - the method itself is inspected
+    """An ``async def`` function or async generator, a partial of one, or an object whose
+    ``__call__`` is one: each returns something truthy that is not the answer."""
+    call = getattr(value, "__call__", None)  # noqa: B004 - the method itself is inspected
+    return any(
+        check(candidate)
+        for candidate in (value, call)
+        for check in (inspect.iscoroutinefunction, inspect.isasyncgenfunction)
     )
 
 

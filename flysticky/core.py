@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from inspect import isawaitable
+from inspect import isasyncgen, isawaitable
 from typing import Any, NoReturn, Protocol
 
 from .config import StickyConfig
@@ -86,10 +86,14 @@ class Decision:
     ``pinned_to`` is the machine the cookie names: the last valid value of the cookie
     when it arrived more than once (a stray duplicate for a parent domain or a deeper
     path sorts first), so every machine reads a browser's header alike and it sticks to
-    one. A replay is never aimed at ``machine_id`` itself. When the cookie carried two
-    different valid values, ``replay`` ends in ``;state=flysticky-duplicate-cookie``:
-    Fly's replay cache keys on the cookie's value and does not keep a replay that
-    carries ``state``, so such a request cannot move other sessions' cache entries.
+    one. A replay is never aimed at ``machine_id`` itself. When the cookie arrived with
+    values that differ (however spaced or quoted), ``replay`` ends in
+    ``;state=flysticky-duplicate-cookie``: Fly's replay cache keys on the cookie's value
+    and does not keep a replay that carries ``state``, so such a request cannot move
+    other sessions' cache entries. A re-pin of such a request also sends
+    ``expire_cookie`` before ``set_cookie``: the cookie is set anew, so the browser
+    lists it after an older stray and the pin is ours again (a stray naming a machine
+    that is gone cannot keep a session bouncing).
 
     ``set_cookie`` and ``replay`` are complete header values for the adapter to send.
     """
@@ -100,6 +104,9 @@ class Decision:
     set_cookie: str | None = None
     replay: str | None = None
     arrived_by: str | None = None
+    #: A Set-Cookie that expires our cookie just before ``set_cookie`` sets it again: sent
+    #: on a re-pin when the cookie arrived with other values (see above).
+    expire_cookie: str | None = None
 
     @property
     def serve(self) -> bool:
@@ -195,25 +202,34 @@ def join_cookie_headers(values: list[str] | None) -> str | None:
 def apply_stamp(decision: Decision, headers: ResponseHeaders) -> None:
     """Add the decision's Set-Cookie, if any, to a response that is being served."""
     if decision.set_cookie is not None:
+        if decision.expire_cookie is not None:
+            headers.add("set-cookie", decision.expire_cookie)
         headers.add("set-cookie", decision.set_cookie)
         headers["cache-control"] = private_cache_control(headers.get("cache-control"))
 
 
 def cookie_values(cookie_header: str, name: str) -> list[str]:
     """Every value of cookie ``name`` in a Cookie header, in order: the one parsing rule
-    flysticky has. Cookies are split on ";"; a name may follow spaces or tabs and ends
-    at the first "="; a value loses surrounding spaces, tabs and one pair of double
-    quotes (RFC 6265 4.1.1). One pass: linear in the header's size, whatever it holds.
+    flysticky has. Cookies are split on ";"; a name is trimmed of whitespace and ends at
+    the first "="; a value loses surrounding spaces and tabs and one pair of double quotes
+    (RFC 6265 5.2 trims names and values). One pass: linear in the header's size.
     """
     values = []
     for part in cookie_header.split(";"):
         key, eq, value = part.partition("=")
-        if eq and key.lstrip(" \t") == name:
+        if eq and key.strip() == name:
             value = value.strip(" \t")
             if len(value) >= 2 and value[0] == '"' == value[-1]:
                 value = value[1:-1]
             values.append(value)
     return values
+
+
+def _loosely(value: str) -> str:
+    """A value as the most lenient parser would read it (every kind of whitespace
+    trimmed, one pair of quotes dropped): what another proxy might key a cache on."""
+    value = value.strip()
+    return value[1:-1] if len(value) >= 2 and value[0] == '"' == value[-1] else value
 
 
 def _is_https(headers: HeaderLookup) -> bool:
@@ -258,20 +274,24 @@ class Decider:
         self.config = config
         self.machine_id = machine_id
         self._skipper = config.skipper
+        self._name = config.cookie_name
         self._name_eq = config.cookie_name + "="
         self._pin_here = self._name_eq + machine_id
         self._pin_length = len(self._pin_here)
         self._replay_field = config.replay_mode + "="
-        attributes = ""
-        if config.max_age_seconds is not None:
-            attributes += f"; Max-Age={config.max_age_seconds}"
-        attributes += f"; Path={config.path}"
+        scope = f"; Path={config.path}"
         if config.domain is not None:
-            attributes += f"; Domain={config.domain}"
+            scope += f"; Domain={config.domain}"
         if config.http_only:
-            attributes += "; HttpOnly"
-        attributes += f"; SameSite={config.same_site}"
-        stamp = f"{config.cookie_name}={machine_id}{attributes}"
+            scope += "; HttpOnly"
+        scope += f"; SameSite={config.same_site}"
+        lifetime = "" if config.max_age_seconds is None else f"; Max-Age={config.max_age_seconds}"
+        stamp = f"{config.cookie_name}={machine_id}{lifetime}{scope}"
+        # Expiring our cookie, then setting it again, gives it a new creation time: browsers
+        # then list it after an older stray of the same name and path, so that the last
+        # value, the pin, is ours again (RFC 6265 5.4: equal paths, older first).
+        expire = f"{config.cookie_name}=; Max-Age=0{scope}"
+        self._expire = (expire, expire + "; Secure")
         #: The one Decision every request pinned here gets: shared, never changed.
         self.pinned = Decision(Outcome.PINNED, machine_id, machine_id)
         self._skipped = Decision(Outcome.SKIPPED, machine_id)
@@ -295,14 +315,15 @@ class Decider:
         return self._read(cookie_header)[0]
 
     def _read(self, cookie_header: str) -> tuple[str | None, bool]:
-        """The pin, and whether our cookie carried two different valid values."""
-        if self._name_eq not in cookie_header:
+        """The pin, and whether our cookie arrived with values that differ: then a proxy
+        keying its replay cache on the cookie might take another value than the pin."""
+        if self.config.cookie_name not in cookie_header:
             return None, False
-        valid = [v for v in cookie_values(cookie_header, self._name_eq[:-1]) if is_machine_id(v)]
+        values = cookie_values(cookie_header, self.config.cookie_name)
+        valid = [v for v in values if is_machine_id(v)]
         if not valid:
             return None, False
-        pin = valid[-1]
-        return pin, any(v != pin for v in valid)
+        return valid[-1], len({_loosely(v) for v in values}) > 1
 
     def _remembered_read(self, cookie_header: str) -> tuple[str | None, bool]:
         reads = self._reads
@@ -355,14 +376,14 @@ class Decider:
         if skipper is not None:
             skip = skipper(request)
             if skip:
-                if skip is not True and isawaitable(skip):
+                if skip is not True and (isawaitable(skip) or isasyncgen(skip)):
                     _refuse_awaitable(skipper, skip)
                 return self._skipped
         if not cookie_header:
             log.debug("stamped: no %s cookie, pinned to %s", self._name_eq[:-1], self.machine_id)
             return self._stamped(headers, is_websocket)
         # The common case, inline: the last "<name>=<this machine>" in the header is a
-        # whole cookie, and no other cookie of our name follows it. Anything less plain
+        # whole cookie, and our name does not occur after it. Anything less plain
         # takes the full reading, which agrees with this on every header this accepts
         # (tests/test_core.py checks it). Not logged: it would flood DEBUG.
         i = cookie_header.rfind(self._pin_here)
@@ -370,7 +391,7 @@ class Decider:
             end = i + self._pin_length
             if (
                 end == len(cookie_header)
-                or (cookie_header[end] == ";" and cookie_header.find(self._name_eq, end) < 0)
+                or (cookie_header[end] == ";" and cookie_header.find(self._name, end) < 0)
             ) and (
                 i == 0
                 or cookie_header[i - 1] == ";"
@@ -399,12 +420,18 @@ class Decider:
                     name,
                     self.machine_id,
                 )
+                stamp = self._stamped(headers, is_websocket).set_cookie
                 return Decision(
                     Outcome.REPINNED,
                     self.machine_id,
                     pin,
-                    self._stamped(headers, is_websocket).set_cookie,
+                    stamp,
                     arrived_by=name,
+                    expire_cookie=(
+                        self._expire[stamp.endswith("; Secure")]
+                        if ambiguous and stamp is not None
+                        else None
+                    ),
                 )
         if not _body_replayable(headers):
             log.debug("off_pin: body too big or of unknown length to replay to %s", pin)
@@ -415,10 +442,10 @@ class Decider:
 
 
 def _refuse_awaitable(skipper: object, result: Any) -> NoReturn:
-    close = getattr(result, "close", None)
-    if close is not None:
-        close()  # no "coroutine was never awaited" warning on top of this error
+    if hasattr(result, "close") and not isasyncgen(result):
+        result.close()  # no "coroutine was never awaited" warning on top of this error
     raise TypeError(
-        f"StickyConfig.skipper={skipper!r} returned an awaitable: the skipper must be a "
+        f"StickyConfig.skipper={skipper!r} returned an awaitable ({type(result).__name__}): "
+        "the skipper must be a "
         "plain function returning a bool (it runs on every request, before any await)"
     )

@@ -84,10 +84,19 @@ async def _async_skipper(request: Any) -> bool:
     return True
 
 
+async def _async_generator_skipper(request: Any) -> Any:
+    yield True
+
+
 @pytest.mark.parametrize(
     "skipper",
-    [_async_skipper, _AsyncCallable(), functools.partial(_async_skipper)],
-    ids=["async def", "object with async __call__", "partial of async def"],
+    [
+        _async_skipper,
+        _AsyncCallable(),
+        functools.partial(_async_skipper),
+        _async_generator_skipper,
+    ],
+    ids=["async def", "object with async __call__", "partial of async def", "async generator"],
 )
 def test_async_skipper_is_refused(skipper: Any) -> None:
     with pytest.raises(ValueError, match=r"skipper=.*plain"):

@@ -11,7 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flysticky import Decider, Decision, Outcome, StickyConfig, is_machine_id
-from flysticky.core import HeaderTable, machine_id_from_env, private_cache_control
+from flysticky.core import (
+    HeaderTable,
+    apply_stamp,
+    machine_id_from_env,
+    private_cache_control,
+)
 
 from .harness import MACHINE, OTHER
 
@@ -72,7 +77,8 @@ def test_a_request_is_never_replayed_to_the_machine_that_received_it(cookie: str
         (f"fly-machine-id={OTHER}; fly-machine-id=bad!", OTHER),
         (f"xfly-machine-id={OTHER}", None),
         (f"a=b fly-machine-id={OTHER}", None),
-        (f"fly-machine-id ={OTHER}", None),
+        (f"fly-machine-id ={OTHER}", OTHER),
+        (f"\tfly-machine-id\t= {OTHER}", OTHER),
         (f"fly-machine-id={OTHER}; fly-machine-id={MACHINE}", MACHINE),
         (f"fly-machine-id={MACHINE}; fly-machine-id={OTHER}", OTHER),
     ],
@@ -88,7 +94,13 @@ def test_the_fast_path_agrees_with_the_full_reading() -> None:
     for before in shapes:
         for value in values:
             for after in shapes:
-                for extra in ("", f"; fly-machine-id={OTHER}", f"; fly-machine-id={MACHINE}"):
+                for extra in (
+                    "",
+                    f"; fly-machine-id={OTHER}",
+                    f"; fly-machine-id={MACHINE}",
+                    f"; fly-machine-id ={OTHER}",
+                    "; fly-machine-id",
+                ):
                     header = f"{before}fly-machine-id={value}{after}{extra}"
                     expected = fresh.read_pin(header) == MACHINE
                     assert (fresh.decide(None, header, {}).outcome is Outcome.PINNED) is expected
@@ -107,6 +119,52 @@ def test_duplicate_values_replay_in_a_form_fly_does_not_cache() -> None:
     # Every machine reads the header alike: the session sticks to the last value's machine.
     assert Decider(StickyConfig(), OTHER).decide(None, header, {}).outcome is Outcome.PINNED
     assert Decider(StickyConfig(), third).decide(None, header, {}).replay == decision.replay
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"fly-machine-id=0123456789abcd; fly-machine-id = {OTHER}",
+        f"fly-machine-id=0123456789abcd; fly-machine-id\t={OTHER}",
+        f'fly-machine-id=0123456789abcd; fly-machine-id = "{OTHER}"',
+        f"fly-machine-id={OTHER}; fly-machine-id=0123456789abcd\v",
+        f"fly-machine-id={OTHER}; fly-machine-id=",
+        f"fly-machine-id={OTHER}; fly-machine-id=not valid",
+    ],
+)
+def test_any_second_value_however_spaced_makes_the_replay_uncacheable(header: str) -> None:
+    # A proxy may trim names and values more than flysticky does, and key its replay
+    # cache on the other value: never answer such a request with a cacheable replay.
+    decision = decide(header)
+    assert decision.outcome is Outcome.REPLAYED
+    assert decision.replay is not None and decision.replay.endswith(
+        ";state=flysticky-duplicate-cookie"
+    )
+
+
+def test_the_same_value_however_written_is_no_ambiguity() -> None:
+    header = f'fly-machine-id={OTHER}; fly-machine-id = "{OTHER}"'
+    assert decide(header).replay == f"prefer_instance={OTHER}"
+
+
+def test_a_repin_with_a_stray_duplicate_sets_the_cookie_anew() -> None:
+    gone = "0123456789abcd"
+    header = f"fly-machine-id={OTHER}; fly-machine-id={gone}"
+    decision = decide(header, fly_preferred_instance_unavailable=gone)
+    assert decision.outcome is Outcome.REPINNED
+    assert decision.expire_cookie == ("fly-machine-id=; Max-Age=0; Path=/; HttpOnly; SameSite=Lax")
+    sent: list[tuple[str, str]] = []
+
+    class Headers(dict[str, str]):
+        def add(self, key: str, value: str) -> None:
+            sent.append((key, value))
+
+    apply_stamp(decision, Headers())
+    assert [v for _, v in sent] == [decision.expire_cookie, decision.set_cookie]
+    secure = decide(header, fly_preferred_instance_unavailable=gone, x_forwarded_proto="https")
+    assert secure.expire_cookie is not None and secure.expire_cookie.endswith("; Secure")
+    # A single value is re-pinned in place: nothing to reorder.
+    assert decide(f"fly-machine-id={gone}", fly_replay_src="x").expire_cookie is None
 
 
 @pytest.mark.parametrize(
@@ -160,9 +218,16 @@ def test_a_skipper_that_returns_an_awaitable_is_an_error_naming_it() -> None:
     def sneaky(request: object) -> Any:
         return check(request)
 
-    sneaky_decider = Decider(StickyConfig(skipper=sneaky), MACHINE)
-    with pytest.raises(TypeError, match=r"skipper=<function .*sneaky.* returned an awaitable"):
-        sneaky_decider.decide(None, None, {})
+    async def generator(request: object) -> Any:
+        yield True
+
+    def sneakier(request: object) -> Any:
+        return generator(request)
+
+    for skipper in (sneaky, sneakier):
+        sneaky_decider = Decider(StickyConfig(skipper=skipper), MACHINE)
+        with pytest.raises(TypeError, match=r"skipper=<function .*sneak.* returned an awaitable"):
+            sneaky_decider.decide(None, None, {})
     skipping = Decider(StickyConfig(skipper=lambda r: True), MACHINE)
     assert skipping.decide(None, None, {}).outcome is Outcome.SKIPPED
 

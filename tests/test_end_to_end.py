@@ -183,3 +183,76 @@ async def test_replay_cache_leaves_about_one_replay_per_session(framework: str) 
                 assert all(body["cache"] == "hit" for body in seen[routed[0] + 1 :])
         assert hits == sum(body["cache"] == "hit" for seen in results for body in seen)
         assert hits >= sessions * (requests - 3)
+
+
+class StrayBrowser:
+    """A browser's cookie store for one host and path, as RFC 6265 5.3-5.4 has it: our
+    cookie, set and expired by the responses, and a stray of the same name from another
+    domain. Equal paths list older cookies first; overwriting keeps a cookie's creation
+    time, expiring it and setting it again gives a new one."""
+
+    def __init__(self, stray: str, stray_created: int) -> None:
+        self.cookies = {"stray": (stray_created, stray)}
+        self.clock = 1000
+
+    def header(self) -> str:
+        ordered = sorted(self.cookies.values())
+        return "; ".join(f"fly-machine-id={value}" for _, value in ordered)
+
+    def receive(self, set_cookies: list[str]) -> None:
+        for line in set_cookies:
+            value = line.split(";", 1)[0].split("=", 1)[1]
+            self.clock += 1
+            if "Max-Age=0" in line:
+                self.cookies.pop("ours", None)
+            elif "ours" in self.cookies:
+                self.cookies["ours"] = (self.cookies["ours"][0], value)
+            else:
+                self.cookies["ours"] = (self.clock, value)
+
+
+async def browse(url: str, browser: StrayBrowser, requests: int) -> list[dict[str, Any]]:
+    seen = []
+    async with aiohttp.ClientSession(base_url=url) as client:  # cookies from the model only
+        for _ in range(requests):
+            async with client.get("/whoami", headers={"cookie": browser.header()}) as response:
+                assert response.status == 200
+                browser.receive(response.headers.getall("set-cookie", []))
+                seen.append(await response.json())
+    return seen
+
+
+async def test_a_stray_duplicate_neither_poisons_the_cache_nor_unsticks_a_browser(
+    framework: str,
+) -> None:
+    async with running(SERVE, env=fleet_env(framework), cache_rules=CACHE) as (emulator, _):
+        a, b, c = (m.id for m in emulator.fleet.machines)
+        # Sessions pinned to A warm the replay cache for A's value.
+        async with aiohttp.ClientSession(base_url=emulator.url) as plain:
+            for _ in range(6):
+                async with plain.get("/whoami", headers={"cookie": f"fly-machine-id={a}"}) as r:
+                    assert (await r.json())["machine"] == a
+        # A browser whose cookie reads "A; B" (an older stray A first, its own B last),
+        # over and over: it sticks to B, and no replay it causes is cached under A's value.
+        browser = StrayBrowser(a, stray_created=0)
+        browser.cookies["ours"] = (1, b)
+        seen = await browse(emulator.url, browser, 12)
+        assert {body["machine"] for body in seen} == {b}
+        async with aiohttp.ClientSession(base_url=emulator.url) as plain:
+            for _ in range(6):
+                async with plain.get("/whoami", headers={"cookie": f"fly-machine-id={a}"}) as r:
+                    body = await r.json()
+                    assert (body["machine"], body["outcome"]) == (a, "pinned")
+        # A stray that names a machine which is gone, listed after the browser's own
+        # cookie: one failover re-pins, the cookie is set anew (listed last), and the
+        # browser sticks again.
+        victim = emulator.fleet.get(c)
+        assert victim is not None
+        await emulator.destroy(victim)
+        browser = StrayBrowser(c, stray_created=5)
+        browser.cookies["ours"] = (1, a)
+        seen = await browse(emulator.url, browser, 12)
+        homes = [body["machine"] for body in seen]
+        assert c not in homes
+        assert len(set(homes[2:])) == 1, homes
+        assert sum(body["outcome"] == "repinned" for body in seen) <= 1, seen
