@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -13,15 +14,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .proxy.flytoml import app_name_problem
+from .proxy.machines import MAX_MACHINES
 from .regions import region_problem
 
 PACKAGE = Path(__file__).parent
 KEYS = (
-    "keys (N: a machine's number or id): k N crashes it (memory lost; restarted when a\n"
-    "      request is aimed at it), o N stops it (memory lost), z N suspends it (memory\n"
-    "      kept), u N starts or resumes it, r N restarts it, d N destroys it (its sessions\n"
-    "      move and re-pin), a [REGION] adds a machine, s shows counters, q quits"
+    "keys (N: a machine's number, 1 to 3 digits, or the first characters of its id, at\n"
+    "      least 4 if all digits): k N crashes it (memory lost; restarted when a request\n"
+    "      is aimed at it), o N stops it (memory lost), z N suspends it (memory kept),\n"
+    "      u N starts or resumes it, r N restarts it, d N destroys it (its sessions move\n"
+    "      and re-pin), a [REGION] adds a machine, s shows counters, q quits"
 )
+#: Up to this many digits, a key's word is a machine's place in the list; longer, or
+#: with a letter, it is the start of an id (ids are hex and often start with digits).
+NUMBER_DIGITS = 3
 #: Terminal keys and the Fleet/Emulator operations they run.
 ACTIONS = {
     "k": "crash",
@@ -41,11 +48,23 @@ def template_dir() -> Path:
     raise SystemExit("error: the flysticky template is missing from this installation")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be 1 or more")
+def _machine_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_MACHINES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be 1 or more, and at most {MAX_MACHINES} (the emulator's cap)"
+        )
     return value
+
+
+def _app_name(text: str) -> str:
+    problem = app_name_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _port(text: str) -> int:
@@ -77,7 +96,7 @@ def _seconds(text: str) -> float:
 
 
 def _add_proxy_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--machines", type=_positive, default=3, help="how many (default 3)")
+    parser.add_argument("--machines", type=_machine_count, default=3, help="how many (default 3)")
     parser.add_argument("--port", type=_port, default=8080, help="proxy port (default 8080)")
     parser.add_argument("--host", default="127.0.0.1", help="proxy address (default 127.0.0.1)")
     parser.add_argument(
@@ -113,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples: flysticky proxy app:app | flysticky proxy --machines 3 -- python app.py",
     )
     _add_proxy_options(proxy)
-    proxy.add_argument("--app-name", help="FLY_APP_NAME (default: fly.toml's app)")
+    proxy.add_argument("--app-name", type=_app_name, help="FLY_APP_NAME (default: fly.toml's app)")
     proxy.add_argument(
         "--fly-toml", type=Path, help="read replay_cache rules from it (default ./fly.toml)"
     )
@@ -154,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("proxy", "demo"):
         _needs("aiohttp", "proxy")
     if args.command == "new":
-        return _new(args, parser)
+        return _new(args)
     try:
         if args.command == "demo":
             return _demo(args)
@@ -163,19 +182,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _new(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from cookiecutter.exceptions import CookiecutterException, FailedHookException
+#: Jinja's delimiters: cookiecutter renders a KEY=VALUE value as a template, so a value
+#: holding one would run as template code (or fail with the whole context in the error).
+TEMPLATE_MARKS = ("{{", "{%", "{#")
+
+
+def _answers(words: list[str]) -> tuple[dict[str, str], str | None]:
+    """The template answers in ``KEY=VALUE`` words, or why they cannot be used.
+
+    Only the template's public keys may be given: private ones (``_copy_without_render``
+    and the like) are how the template works, not answers.
+    """
+    spec = json.loads((template_dir() / "cookiecutter.json").read_text())
+    keys = [key for key in spec if not key.startswith("_")]
+    valid = f"the keys are {', '.join(keys)}"
+    answers: dict[str, str] = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            return {}, f"{word!r}: expected KEY=VALUE, such as framework=quart; {valid}"
+        if key not in keys:
+            return {}, f"unknown key {key!r} in {word!r}: {valid}"
+        choices = spec[key]
+        if isinstance(choices, list) and value not in choices:
+            return {}, f"{key}={value!r}: one of {', '.join(choices)}"
+        if any(mark in value for mark in TEMPLATE_MARKS):
+            marks = ", ".join(map(repr, TEMPLATE_MARKS))
+            return {}, f"{key}={value!r}: {marks} are not allowed (template code to cookiecutter)"
+        answers[key] = value
+    return answers, None
+
+
+def _new(args: argparse.Namespace) -> int:
+    from cookiecutter.exceptions import (
+        CookiecutterException,
+        FailedHookException,
+        UndefinedVariableInTemplate,
+    )
     from cookiecutter.main import cookiecutter
 
     # cookiecutter logs a failed hook with its traceback; the hook has said what was
     # wrong, and every other failure is printed below as one line.
     logging.getLogger("cookiecutter").addHandler(logging.NullHandler())
-    context: dict[str, Any] = {}
-    for item in args.context:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"{item!r}: expected KEY=VALUE, such as framework=quart")
-        context[key] = value
+    context, problem = _answers(args.context)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         path = cookiecutter(
             str(template_dir()),
@@ -185,6 +237,10 @@ def _new(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     except FailedHookException:
         return 1  # the hook has said what was wrong
+    except UndefinedVariableInTemplate as error:
+        # Its own str() appends the whole template context.
+        print(f"error: {_one_line(error.message)}: {_one_line(error.error)}", file=sys.stderr)
+        return 1
     except (CookiecutterException, ValueError, OSError) as error:
         # ValueError: cookiecutter's own refusal of a value outside a choice list;
         # OSError: an output directory that is a file, or that cannot be written.
@@ -194,9 +250,10 @@ def _new(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: BaseException | str) -> str:
     text = str(error) or type(error).__name__
-    return " ".join(text.split())
+    # cookiecutter starts some messages with its own "Error: ".
+    return " ".join(text.removeprefix("Error: ").split())
 
 
 def _proxy(args: argparse.Namespace, command: list[str], parser: argparse.ArgumentParser) -> int:
@@ -249,11 +306,10 @@ def _run(
             print(f"error: {fly_toml}: {error}", file=sys.stderr)
             return 2
     try:
-        asyncio.run(_serve(args, command, cwd, config, app_name or config.app, banner))
+        return asyncio.run(_serve(args, command, cwd, config, app_name or config.app, banner))
     except (MachineError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    return 0
 
 
 async def _serve(
@@ -263,7 +319,8 @@ async def _serve(
     config: Any,
     app_name: str | None,
     banner: str | None,
-) -> None:
+) -> int:
+    """Serve until ``q`` (exit status 0) or a signal (128 + its number, as a shell has it)."""
     from .proxy.emulator import ADMIN_PREFIX, Emulator
     from .proxy.machines import Fleet, MachineError
 
@@ -279,9 +336,15 @@ async def _serve(
         idle_after=args.idle_after,
     )
     stop = asyncio.Event()
+    stopped_by: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        stopped_by.append(sig)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         # Ctrl-C while machines start must not wait for them to come up.
         starting = asyncio.create_task(emulator.start(args.machines))
@@ -292,7 +355,7 @@ async def _serve(
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
-            return
+            return 128 + stopped_by[0]
         starting.result()
         autostop = config.autostop
         say(
@@ -320,6 +383,7 @@ async def _serve(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, MachineError):
                 await task
+        return 128 + stopped_by[0] if stopped_by else 0
     finally:
         pids = [m.pid for m in fleet.machines if m.pid]
         await emulator.close()
@@ -389,17 +453,32 @@ async def _read_keys(emulator: Any, stop: asyncio.Event) -> None:
 
 
 def _machine(emulator: Any, word: str) -> tuple[Any, str]:
-    """The machine a key names: its number in the list, or a prefix of its id (hex ids
-    also look like numbers, so an all-digit word is only ever a number)."""
+    """The machine a key names: its number in the list (1 to 3 digits), or else the start
+    of its id, which must match exactly one machine."""
     machines = emulator.fleet.machines
-    if word.isdigit():
+    word = word.lower()
+    starting = [(i, m) for i, m in enumerate(machines, 1) if m.id.startswith(word)]
+    if word.isdigit() and len(word) <= NUMBER_DIGITS:
         if 1 <= int(word) <= len(machines):
             return machines[int(word) - 1], ""
-        return None, f"no machine number {word}: there are {len(machines)} (1-{len(machines)})"
-    chosen = [m for m in machines if m.id.startswith(word.lower())]
-    if len(chosen) != 1:
-        return None, f"no single machine {word!r}: give its number (1-{len(machines)}) or id"
-    return chosen[0], ""
+        problem = f"no machine number {word}: there are {len(machines)} (1-{len(machines)})"
+        if starting:
+            # The likely intent; an id is taken only from 4 characters on.
+            which = ", ".join(str(i) for i, _ in starting)
+            problem += (
+                f"; {word} starts the id of machine {which}: to mean an id, "
+                f"give at least {NUMBER_DIGITS + 1} characters"
+            )
+        return None, problem
+    if not starting:
+        return None, (
+            f"no machine's id starts with {word!r}: give its number "
+            f"(1-{len(machines)}) or the first characters of its id"
+        )
+    if len(starting) > 1:
+        candidates = ", ".join(f"{i} ({m.id})" for i, m in starting)
+        return None, f"{word!r} starts the ids of machines {candidates}: give more characters"
+    return starting[0][1], ""
 
 
 async def _key(emulator: Any, words: list[str], stop: asyncio.Event) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import socket
 import subprocess
@@ -130,7 +131,7 @@ def test_proxy_serves_counts_and_stops_every_machine(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=30)
-    assert process.returncode == 0
+    assert process.returncode == 130  # 128 + SIGINT, as a shell reports Ctrl-C
     assert "machine 1:" in err and "iad" in err and "ams" in err
     assert "total: 5 deliveries, 5 served, 0 replays" in err
     pids = [
@@ -177,7 +178,7 @@ async def test_terminal_keys_change_machine_states() -> None:
         assert "retired" in await _key(emulator, ["a", "sea"], stop)
         assert len(emulator.fleet.machines) == 4
         assert "total:" in await _key(emulator, ["s"], stop)
-        assert "no single machine" in await _key(emulator, ["k", "zz"], stop)  # ids are hex
+        assert "no machine's id starts with 'zz'" in await _key(emulator, ["k", "zz"], stop)
         assert "keys" in await _key(emulator, ["?"], stop)
         await _key(emulator, ["q"], stop)
         assert stop.is_set()
@@ -194,8 +195,50 @@ async def test_a_number_out_of_range_is_an_error_not_an_id_prefix() -> None:
         # An id made to start with 9: "k 9" must not reach it.
         emulator.fleet.machines[2].id = "9" + emulator.fleet.machines[2].id[1:]
         answer = await _key(emulator, ["k", "9"], asyncio.Event())
-        assert answer == "error: no machine number 9: there are 3 (1-3)"
+        assert answer == (
+            "error: no machine number 9: there are 3 (1-3); "
+            "9 starts the id of machine 3: to mean an id, give at least 4 characters"
+        )
         assert all(m.alive for m in emulator.fleet.machines)
+
+
+async def test_up_to_3_digits_is_a_number_and_longer_words_are_id_prefixes() -> None:
+    import asyncio
+
+    from flysticky.cli import _key
+
+    from .emulator_fixtures import running
+
+    async with running(machines=3) as (emulator, _):
+        first, second, third = emulator.fleet.machines
+        first.id, second.id, third.id = "8512aaaaaaaaaa", "851bbbbbbbbbbb", "abc0000000000c"
+        stop = asyncio.Event()
+        answer = await _key(emulator, ["o", "85"], stop)  # a number, though ids start with 85
+        assert answer == (
+            "error: no machine number 85: there are 3 (1-3); "
+            "85 starts the id of machine 1, 2: to mean an id, give at least 4 characters"
+        )
+        answer = await _key(emulator, ["o", "851"], stop)
+        assert answer.startswith("error: no machine number 851: there are 3 (1-3); 851 starts")
+        assert all(m.alive for m in emulator.fleet.machines)
+        assert await _key(emulator, ["o", "8512"], stop) == f"stop: machine {first.id} is stopped"
+        assert await _key(emulator, ["o", "851B"], stop) == f"stop: machine {second.id} is stopped"
+        assert await _key(emulator, ["o", "3"], stop) == f"stop: machine {third.id} is stopped"
+        assert await _key(emulator, ["u", "abc"], stop) == f"start: machine {third.id} is started"
+        answer = await _key(emulator, ["u", "85b"], stop)
+        assert answer == (
+            "error: no machine's id starts with '85b': give its number (1-3) "
+            "or the first characters of its id"
+        )
+        third.id = "851ccccccccccc"
+        answer = await _key(emulator, ["u", "851c"], stop)
+        assert answer == f"start: machine {third.id} is started"
+        second.id = "851cdddddddddd"
+        answer = await _key(emulator, ["u", "851c"], stop)
+        assert answer == (
+            f"error: '851c' starts the ids of machines 2 ({second.id}), 3 ({third.id}): "
+            "give more characters"
+        )
 
 
 def test_import_flysticky_needs_neither_framework() -> None:
@@ -254,6 +297,58 @@ def test_new_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "use 'sjc'" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("word", "message"),
+    [
+        ("framwork=quart", "unknown key 'framwork' in 'framwork=quart': the keys are "),
+        ("nonsense=1", "unknown key 'nonsense' in 'nonsense=1': the keys are "),
+        ("_copy_without_render=x", "unknown key '_copy_without_render'"),  # private keys too
+        ("=x", "'=x': expected KEY=VALUE, such as framework=quart; the keys are "),
+        ("framework", "'framework': expected KEY=VALUE, such as framework=quart; the keys are "),
+        ("framework=django", "framework='django': one of sanic, quart"),
+        ("project_name={{x}}", "project_name='{{x}}': '{{', '{%', '{#' are not allowed"),
+        ("project_name={% if %}", "project_name='{% if %}': '{{', '{%', '{#' are not allowed"),
+        ("cookie_name=a{#b", "cookie_name='a{#b': '{{', '{%', '{#' are not allowed"),
+    ],
+)
+def test_new_refuses_unknown_keys_and_bad_words_in_one_line(
+    tmp_path: Path, word: str, message: str
+) -> None:
+    result = run(["new", "--no-input", f"--output-dir={tmp_path}", "primary_region=ams", word])
+    assert result.returncode == 2
+    assert result.stderr == f"error: {result.stderr[7:]}" and result.stderr.count("\n") == 1
+    assert message in result.stderr, result.stderr
+    if "the keys are" in message:
+        assert "framework, primary_region" in result.stderr
+        assert "_copy_without_render," not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_new_cookiecutter_errors_are_short_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cookiecutter.exceptions import UndefinedVariableInTemplate
+    from jinja2.exceptions import UndefinedError
+
+    from flysticky.cli import main
+
+    tmp_path.joinpath("sticky_demo").mkdir()
+    result = run(["new", "--no-input", f"--output-dir={tmp_path}"])
+    assert result.returncode == 1
+    assert result.stderr == f'error: "{tmp_path / "sticky_demo"}" directory already exists\n'
+
+    def undefined(*_: object, **__: object) -> None:
+        context = {"cookiecutter": {"project_name": "x" * 5000}}
+        raise UndefinedVariableInTemplate(
+            "Unable to render variable 'project_name'", UndefinedError("'x' is undefined"), context
+        )
+
+    monkeypatch.setattr("cookiecutter.main.cookiecutter", undefined)
+    assert main(["new", "--no-input", f"--output-dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: Unable to render variable 'project_name': 'x' is undefined\n"
 
 
 def machine_pids(port: int, count: int, deadline: float) -> list[int]:
@@ -320,4 +415,67 @@ def test_ctrl_c_during_start_up_stops_everything_at_once(tmp_path: Path) -> None
     _, err = process.communicate(timeout=30)
     assert time.monotonic() - began < 2, err
     assert "Traceback" not in err
+    assert process.returncode == 130
     assert not alive(machine)
+
+
+def start_proxy(stdin: int | None = subprocess.DEVNULL) -> tuple[subprocess.Popen[str], list[int]]:
+    """A proxy with two started machines, and their pids."""
+    port = free_port()
+    process = subprocess.Popen(
+        [*CLI, "proxy", "--port", str(port), "--machines", "2", "--quiet", "--", *ECHO],
+        stdin=stdin,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        return process, machine_pids(port, 2, time.monotonic() + 30)
+    except BaseException:
+        process.kill()
+        process.communicate(timeout=10)
+        raise
+
+
+def test_sigterm_exits_143_and_q_exits_0() -> None:
+    process, pids = start_proxy()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 143, err
+    assert_all_stopped(pids)
+    # The keys are read only from a terminal: give it one.
+    controller, terminal = pty.openpty()
+    try:
+        process, pids = start_proxy(stdin=terminal)
+        os.write(controller, b"q\n")
+        _, err = process.communicate(timeout=30)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert process.returncode == 0, err
+    assert "stopping" in err
+    assert_all_stopped(pids)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--machines", "100000"], "'100000': must be 1 or more, and at most 32"),
+        (["--app-name", "Bad App"], "app name 'Bad App': lowercase letters, digits and dashes"),
+        (["--app-name=-app"], "app name '-app'"),
+        (["--app-name", "app-"], "app name 'app-'"),
+        (["--app-name", "a" * 64], "at most 63 characters"),
+    ],
+)
+def test_proxy_options_are_checked(args: list[str], message: str) -> None:
+    result = run(["proxy", "--port", str(free_port()), *args, "app:app"])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_fly_toml_app_name_is_checked(tmp_path: Path) -> None:
+    tmp_path.joinpath("fly.toml").write_text('app = "My_App"\n')
+    result = run(["proxy", "--port", str(free_port()), "app:app"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "app='My_App': app name 'My_App': lowercase letters" in result.stderr
