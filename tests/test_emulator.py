@@ -19,11 +19,11 @@ import aiohttp
 import pytest
 
 from flysticky.proxy.cache import CacheRule
-from flysticky.proxy.emulator import ADMIN_PREFIX
+from flysticky.proxy.emulator import ADMIN_PREFIX, Emulator
 from flysticky.proxy.flytoml import AutoStop, Autostop
-from flysticky.proxy.machines import MachineError
+from flysticky.proxy.machines import MAX_MACHINES, Fleet, Machine, MachineError
 
-from .emulator_fixtures import ECHO, running
+from .emulator_fixtures import ECHO, assert_all_stopped, running
 
 MiB = 1024 * 1024
 
@@ -477,7 +477,7 @@ async def test_autostop_stops_or_suspends_idle_machines_down_to_min(mode: AutoSt
     ):
         wanted = "stopped" if mode == "stop" else "suspended"
         for _ in range(100):
-            states = [m.facts().state for m in emulator.fleet.machines]
+            states: list[str] = [m.facts().state for m in emulator.fleet.machines]
             if states.count(wanted) == 2:
                 break
             await asyncio.sleep(0.05)
@@ -597,6 +597,7 @@ async def test_websocket_close_codes_pass_both_ways() -> None:
         async with client.ws_connect("/ws") as ws:
             assert await ws.receive_str() == machine.id
             await ws.close(code=4001)
+            assert ws.close_code == 4001  # the proxy's reply echoes it (RFC 6455 5.5.1)
         for _ in range(50):
             _, stats = await get_json(client, "/ws-stats")
             if stats["last_close"] is not None:
@@ -689,6 +690,64 @@ async def test_admin_api_refuses_cross_site_requests_and_bad_regions() -> None:
         status, body = await get_json(client, url, method="POST", headers={"origin": emulator.url})
         assert status == 201
         assert len(emulator.fleet.machines) == 3
+
+
+async def test_admin_api_takes_its_own_origin_under_every_loopback_name() -> None:
+    async with running(machines=1) as (emulator, client):
+        url = f"{ADMIN_PREFIX}/machines"
+        assert emulator.url.startswith("http://127.0.0.1:")
+        port = emulator.port
+        for origin in (f"http://localhost:{port}", f"http://[::1]:{port}", emulator.url):
+            status, body = await get_json(client, url, headers={"origin": origin})
+            assert status == 200, (origin, body)
+        for origin in (f"http://localhost:{port + 1}", f"https://localhost:{port}", "null"):
+            status, body = await get_json(client, url, headers={"origin": origin})
+            assert status == 403, (origin, body)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "Text/Plain"],
+)
+async def test_admin_api_refuses_form_types_even_without_a_body(content_type: str) -> None:
+    async with running(machines=1) as (emulator, client):
+        status, body = await get_json(
+            client,
+            f"{ADMIN_PREFIX}/machines?region=ams",
+            method="POST",
+            headers={"content-type": content_type},
+        )
+        assert status == 403, body
+        assert "Content-Type" in body["error"]
+        assert len(emulator.fleet.machines) == 1
+        status, body = await get_json(client, f"{ADMIN_PREFIX}/machines?region=ams", method="POST")
+        assert (status, body["region"]) == (201, "ams")  # bare POST, as curl -X POST sends
+
+
+def test_url_to_open_is_a_loopback_when_listening_on_every_interface() -> None:
+    fleet = Fleet(ECHO)  # nothing started: only the URL is asked for
+    for host, url in [
+        ("0.0.0.0", "http://127.0.0.1:8080"),
+        ("::", "http://[::1]:8080"),
+        ("::1", "http://[::1]:8080"),
+        ("localhost", "http://localhost:8080"),
+    ]:
+        assert Emulator(fleet, host=host, port=8080).url == url
+
+
+async def test_a_fleet_runs_at_most_max_machines() -> None:
+    fleet = Fleet(ECHO)
+    fleet.machines = [Machine(f"{i:014x}", "iad", 1) for i in range(MAX_MACHINES)]
+    with pytest.raises(ValueError, match=f"at most {MAX_MACHINES} at once"):
+        await fleet.add()
+    assert len(fleet.machines) == MAX_MACHINES and not any(m.pid for m in fleet.machines)
+    fleet.machines[0].state = "destroyed"  # a destroyed one no longer counts
+    machine = await fleet.add()
+    try:
+        assert machine.alive
+    finally:
+        await fleet.close()
+        assert_all_stopped([machine.pid])
 
 
 async def test_admin_api_changes_machine_states() -> None:

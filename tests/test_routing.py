@@ -284,7 +284,28 @@ def test_cache_is_bounded_and_drops_expired_entries() -> None:
     assert len(store) == 2
 
 
-# ---------------------------------------------------------------------- bad app answers
+@pytest.mark.parametrize(
+    ("name", "header", "value"),
+    [
+        ("fly-machine-id", f"$x=1; fly-machine-id={B}", B),  # http.cookies gave up here
+        ("$x", "$x=v; k=w", "v"),
+        ("fly-machine-id", f"a=1;  fly-machine-id = {B} ;b=2", B),
+        ("fly-machine-id", f"a=1;\tfly-machine-id\t=\t{B}", B),
+        ("k", 'k="quoted value"', "quoted value"),
+        ("k", 'k=""', ""),
+        ("k", 'k="x', '"x'),  # not a pair of quotes: kept as sent
+        ("k", "k=first; k=second", "first"),  # duplicates: the FIRST, in either order
+        ("k", "k=second; k=first", "second"),
+        ("k", "kk=1; k; xk=2", None),
+        ("k", "", None),
+        ("k", "a=1; k=v=w; b=\x00", "v=w"),
+    ],
+)
+def test_cookie_key_is_read_as_a_proxy_reads_it(name: str, header: str, value: str | None) -> None:
+    rule = CacheRule("/", 300, "cookie", name)
+    assert rule.key(CIMultiDict(cookie=header)) == value
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -3,7 +3,7 @@
 Only for the person at this computer: the peer must be loopback, the Host a loopback
 name (a DNS-rebinding page has its own), and nothing a web page can send cross-site
 is obeyed (an ``Origin`` other than the proxy's own, ``Sec-Fetch-Site: cross-site``,
-or a POST with a body type an HTML form can send).
+or a POST with a content type a page may send without asking, body or not).
 """
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 
 ADMIN_PREFIX = "/.fly-emulator"
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
+#: The CORS-safelisted Content-Types (Fetch standard): a page sends a POST with one of
+#: them, or none, cross-site without a preflight. A bare POST (no type, no body) is
+#: allowed for curl; a page's bodiless fetch has the same shape but is caught by Origin.
+_SIMPLE_TYPES = frozenset(
+    {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
+)
 
 
 def _loopback(address: str | None) -> bool:
@@ -33,23 +39,32 @@ def _loopback(address: str | None) -> bool:
         return False
 
 
-def refusal(request: web.Request, own_origin: str) -> str | None:
-    """Why this request may not drive the admin API, or None."""
+def own_origins(url: str, port: int) -> frozenset[str]:
+    """The proxy's own origin however a browser here names it: its URL, and the
+    loopback names with its port (a page opened via localhost is as much its own)."""
+    return frozenset(
+        {url, *(f"http://{host}:{port}" for host in ("127.0.0.1", "localhost", "[::1]"))}
+    )
+
+
+def refusal(request: web.Request, origins: frozenset[str]) -> str | None:
+    """Why this request may not drive the admin API, or None; ``origins``: own_origins()."""
     if not _loopback(request.remote):
         return f"the admin API answers only this computer, not {request.remote}"
     host = (request.url.host or "").lower()
     if host not in _LOOPBACK_NAMES and not _loopback(host):
         return f"Host {request.host!r} is not this computer"
     origin = request.headers.get("origin")
-    if origin is not None and origin != own_origin:
+    if origin is not None and origin not in origins:
         return f"Origin {origin!r} is another site"
     fetch_site = request.headers.get("sec-fetch-site", "none")
     if fetch_site not in ("same-origin", "none"):
         return f"Sec-Fetch-Site {fetch_site!r}: only same-origin requests"
-    if request.method == "POST" and request.can_read_body:
-        kind = request.content_type
-        if kind != "application/json":
-            return f"Content-Type {kind!r}: send application/json (or no body)"
+    if request.method == "POST":
+        kind = request.content_type if "content-type" in request.headers else None
+        if kind in _SIMPLE_TYPES or (request.can_read_body and kind != "application/json"):
+            sent = request.headers.get("content-type", "(none)")
+            return f"Content-Type {sent!r}: send application/json (or no body and no type)"
     return None
 
 
@@ -62,7 +77,7 @@ def add_admin_routes(app: web.Application, emulator: Emulator) -> None:
         handler: Callable[[web.Request], Awaitable[web.Response]],
     ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def checked(request: web.Request) -> web.Response:
-            why = refusal(request, emulator.url)
+            why = refusal(request, own_origins(emulator.url, emulator.port))
             if why is not None:
                 return _error(403, why)
             return await handler(request)

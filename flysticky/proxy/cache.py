@@ -1,4 +1,13 @@
-"""Fly's replay cache: session rules from fly.toml, and path entries set by responses."""
+"""Fly's replay cache: session rules from fly.toml, and path entries set by responses.
+
+A cookie rule's key is read the way a proxy reads a Cookie header, not the way
+http.cookies does (which refuses names such as ``$x`` and whole headers over one odd
+pair): split on ``;``, spaces and tabs trimmed around names and values (RFC 6265
+5.2), one pair of double quotes taken off the value. When the name comes more than
+once the FIRST value keys the cache. Fly does not document which one it takes: the
+emulator picks one so its behaviour is repeatable, flysticky must not depend on the
+choice, and its own tests send duplicates in both orders.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,6 @@ import fnmatch
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http.cookies import CookieError, SimpleCookie
 from typing import TypeVar
 
 _K = TypeVar("_K")
@@ -29,16 +37,20 @@ class CacheRule:
     def key(self, headers: Mapping[str, str]) -> str | None:
         if self.type == "header":
             return headers.get(self.name)
-        raw = headers.get("cookie")
-        if not raw:
-            return None
-        jar: SimpleCookie = SimpleCookie()
-        try:
-            jar.load(raw)
-        except CookieError:
-            return None
-        morsel = jar.get(self.name)
-        return morsel.value if morsel is not None else None
+        return cookie_value(headers.get("cookie") or "", self.name)
+
+
+def cookie_value(header: str, name: str) -> str | None:
+    """The value of the first cookie called ``name`` in a Cookie header (see above)."""
+    for pair in header.split(";"):
+        key, sep, value = pair.partition("=")
+        if not sep or key.strip(" \t") != name:
+            continue
+        value = value.strip(" \t")
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        return value
+    return None
 
 
 #: Entries the cache holds at most, per kind: a client sending a new cookie value with

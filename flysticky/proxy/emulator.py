@@ -70,6 +70,9 @@ WEBSOCKET_HANDSHAKE = frozenset(
         "sec-websocket-accept",
     }
 )
+#: Listening addresses meaning "every interface", and the loopback to browse instead
+#: (asyncio binds "::" IPv6-only, so its loopback is ::1).
+_BROWSABLE = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 #: Close codes that may not be sent in a close frame (RFC 6455 7.4.1).
 _UNSENDABLE = frozenset({1005, 1006, 1015})
 
@@ -211,7 +214,10 @@ class Emulator:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        """Where a browser on this computer reaches the proxy: an address that means
+        every interface (0.0.0.0, ::) is not one to open, so its loopback is given."""
+        host = _BROWSABLE.get(self.host, self.host)
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
 
     def totals(self) -> Counters:
@@ -518,6 +524,7 @@ class Emulator:
                     protocols=protocols,
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5),
                     autoping=True,
+                    autoclose=False,
                 )
         except aiohttp.ClientConnectorError as error:
             raise NotDelivered(str(error)) from None
@@ -542,7 +549,9 @@ class Emulator:
             raise DeliveryFailed("retries_exhausted", f"machine {machine.id}: {error}") from None
 
         async def finish() -> web.StreamResponse:
-            client = web.WebSocketResponse(protocols=protocols, autoping=True)
+            # autoclose off on both sides: aiohttp would answer a close frame with 1000
+            # at once, and RFC 6455 5.5.1 has the reply echo the sender's code.
+            client = web.WebSocketResponse(protocols=protocols, autoping=True, autoclose=False)
             try:
                 with machine.busy():
                     await client.prepare(request)
@@ -626,7 +635,8 @@ async def _forward(
 async def _pump_both_ways(
     client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
 ) -> None:
-    """Relay frames until one side closes, then close the other with the same code.
+    """Relay frames until one side closes, then close the other with the same code, and
+    answer the side that closed with its own code (RFC 6455 5.5.1: the reply echoes it).
 
     A machine that vanishes without a close frame (killed, crashed) gives the client
     1011 (internal error), not a clean 1000; a client that vanishes gives the machine
@@ -643,7 +653,7 @@ async def _pump_both_ways(
         if to_client in done:
             code = _close_code(upstream.close_code, 1011)
             await client.close(code=code, message=b"" if code != 1011 else b"machine went away")
-            await upstream.close()
+            await upstream.close(code=_close_code(upstream.close_code, 1000))
         else:
             await upstream.close(code=_close_code(client.close_code, 1001))
-            await client.close()
+            await client.close(code=_close_code(client.close_code, 1000))

@@ -3,6 +3,7 @@ rules and the autostop settings of ``[http_service]``."""
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,19 @@ from typing import Any, Literal
 from .cache import CacheRule
 
 AutoStop = Literal["off", "stop", "suspend"]
+#: Fly app names (fly-platform.md): lowercase letters, digits and dashes, no dash at
+#: either end; 63 characters at most, so ``<app>.internal`` labels stay valid DNS.
+_APP_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def app_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a Fly app's name, or None."""
+    if _APP_NAME.fullmatch(name) is None:
+        return (
+            f"app name {name!r}: lowercase letters, digits and dashes, not starting or "
+            "ending with a dash, at most 63 characters, such as my-app"
+        )
+    return None
 
 
 class FlyTomlError(ValueError):
@@ -99,6 +113,8 @@ def load(path: Path) -> FlyToml:
     app = data.get("app")
     if app is not None and not isinstance(app, str):
         raise FlyTomlError(f"app={app!r}: the app's name, a string")
+    if app is not None and (problem := app_name_problem(app)) is not None:
+        raise FlyTomlError(f"app={app!r}: {problem}")
     service = _table(data, "http_service", "")
     options = _table(service, "http_options", "http_service.")
     entries = options.get("replay_cache", [])

@@ -34,6 +34,8 @@ KILL_TIMEOUT = 5.0
 #: so a machine never blocks on a full pipe).
 MAX_LINE = 64 * 1024
 _PR_SET_PDEATHSIG = 1
+#: Machines (not destroyed) a fleet runs at most: each is a process on this computer.
+MAX_MACHINES = 32
 
 
 class MachineError(RuntimeError):
@@ -213,11 +215,16 @@ class Fleet:
 
     # ------------------------------------------------------------------ lifecycle
     async def add(self, region: str | None = None) -> Machine:
-        """A new machine, started; a bad region is a ValueError and adds nothing."""
+        """A new machine, started; a bad region, or a fleet at MAX_MACHINES, is a
+        ValueError and adds nothing."""
         region = region or self.regions[len(self.machines) % len(self.regions)]
         problem = region_problem(region)
         if problem is not None:
             raise ValueError(problem)
+        if sum(m.state != "destroyed" for m in self.machines) >= MAX_MACHINES:
+            raise ValueError(
+                f"machines: at most {MAX_MACHINES} at once (the emulator's cap); destroy one first"
+            )
         machine = Machine(new_machine_id(), region, free_port())
         self.machines.append(machine)
         try:
