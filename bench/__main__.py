@@ -138,23 +138,27 @@ async def server_figures(
         for round_ in range(rounds):
             bare_fleet, bare = await start(framework, command, sticky=False)
             sticky_fleet, sticky = await start(framework, command, sticky=True)
+            # A second bare process: the pinned path's A/A pair, what the noise alone gives.
+            twin_fleet, twin = await start(framework, command, sticky=False)
             try:
-                for machine in (bare, sticky):  # warm up
+                for machine in (bare, sticky, twin):  # warm up
                     wrk(machine.port, cookie_for("pinned", sticky.id), 1, connections)
                 for path in PATHS:
                     series = results.setdefault(
-                        (name, path), {"bare": Series(), "sticky": Series()}
+                        (name, path), {"bare": Series(), "sticky": Series(), "twin": Series()}
                     )
                     # The bare app gets the very same requests; it ignores the cookie.
                     cookie = cookie_for(path, sticky.id)
                     order = [("bare", bare), ("sticky", sticky)]
+                    if path == "pinned":
+                        order.append(("twin", twin))
                     for label, machine in order if round_ % 2 == 0 else order[::-1]:
                         series[label].samples.append(
                             wrk(machine.port, cookie, seconds, connections)
                         )
             finally:
-                await bare_fleet.close()
-                await sticky_fleet.close()
+                for fleet in (bare_fleet, sticky_fleet, twin_fleet):
+                    await fleet.close()
             print(f"  {name}: round {round_ + 1}/{rounds} done", file=sys.stderr, flush=True)
     return results
 
@@ -264,18 +268,26 @@ def report(
         "## Through each server: app with flysticky against the same app without it",
         "",
         "Ratios are medians of each round's flysticky/bare pair (the range in brackets),",
-        "so that the VM's drift between rounds cancels out.",
+        "so that the VM's drift between rounds cancels out; pooled is all rounds' flysticky",
+        "requests over all rounds' bare ones. A/A is a second bare process against the",
+        "first, on the pinned path, in the same rounds: the noise a ratio carries.",
         "",
-        "| server | path | req/s bare | req/s flysticky | ratio [range] "
-        "| p50 us bare / fs | p99 us bare / fs | p99 ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| server | path | req/s bare | req/s flysticky | ratio [range] | pooled "
+        "| A/A [range] | p50 us bare / fs | p99 us bare / fs | p99 ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (name, path), series in servers.items():
-        bare, sticky = series["bare"], series["sticky"]
+        bare, sticky, twin = series["bare"], series["sticky"], series["twin"]
         pairs = [s.rps / b.rps for s, b in zip(sticky.samples, bare.samples, strict=True)]
+        pooled = sum(s.rps for s in sticky.samples) / sum(b.rps for b in bare.samples)
+        aa = "-"
+        if twin.samples:
+            twins = [t.rps / b.rps for t, b in zip(twin.samples, bare.samples, strict=True)]
+            aa = f"{statistics.median(twins):.3f} [{min(twins):.2f}-{max(twins):.2f}]"
         lines.append(
             f"| {name} | {path} | {bare.median('rps'):,.0f} | {sticky.median('rps'):,.0f} | "
             f"{statistics.median(pairs):.3f} [{min(pairs):.2f}-{max(pairs):.2f}] | "
+            f"{pooled:.3f} | {aa} | "
             f"{bare.median('p50_us'):,.0f} / {sticky.median('p50_us'):,.0f} | "
             f"{bare.median('p99_us'):,.0f} / {sticky.median('p99_us'):,.0f} | "
             f"{sticky.median('p99_us') / bare.median('p99_us'):.3f} |"
