@@ -10,9 +10,12 @@ import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from flysticky import StickyConfig
+
+# Imported at collection, before any sanic-testing client replaces Sanic.__call__.
+from .asgi_client import LifespanClient, sanic_asgi
 
 #: A dict, or (name, value) pairs when a header repeats.
 Headers = dict[str, str] | list[tuple[str, str]]
@@ -127,6 +130,99 @@ class SanicHarness:
         )
 
 
+class SanicFastHarness:
+    """The Sanic app with no app request middleware, driven through Sanic's own ASGI
+    entry (sanic-testing's client adds a request middleware of its own to every route,
+    which takes them all off flysticky's fast path). The app code that runs before each
+    handler is a decorator, as many Sanic apps check auth: it runs after flysticky.
+
+    A Sanic app starts once, so every request gets a fresh app, started and stopped
+    around it. Every request to a route checks that flysticky's middleware never ran:
+    the wrapped handler decided, so every rule of the suite holds on the fast path."""
+
+    framework = "sanic"
+    routes: ClassVar[dict[str, tuple[str, ...]]] = {
+        "/": ("GET", "POST"),
+        "/health": ("GET",),
+        "/cached": ("GET",),
+    }
+
+    def __init__(self, config: StickyConfig | None) -> None:
+        self.config = config
+        self.ran: list[str] = []
+        self.middleware_calls = 0
+
+    def _app(self) -> Any:
+        from sanic import Sanic, text
+        from sanic import json as sjson
+
+        from flysticky.sanic import StickySessions, current_decision
+
+        # Sanic rewrites its own request path at each start (TouchUp); in test mode it
+        # starts from the original every time, so that many apps can start in one process.
+        Sanic.test_mode = True
+        harness = self
+
+        class CountingSticky(StickySessions):
+            async def _request_middleware(self, request: Any) -> Any:
+                harness.middleware_calls += 1
+                return await super()._request_middleware(request)
+
+        def app_hook(handler: Any) -> Any:
+            async def hooked(request: Any) -> Any:
+                self.ran.append("hook")
+                return await handler(request)
+
+            hooked.__name__ = handler.__name__
+            return hooked
+
+        app: Sanic[Any, Any] = Sanic(f"fast_{uuid.uuid4().hex[:8]}")
+        app.config.REQUEST_MAX_SIZE = 8 * 1024 * 1024
+
+        @app.route("/", methods=["GET", "POST"])
+        @app_hook
+        async def index(request: Any) -> Any:
+            self.ran.append("handler")
+            return sjson(_decision_json(current_decision(request)))
+
+        @app.get("/health")
+        @app_hook
+        async def health(request: Any) -> Any:
+            self.ran.append("handler")
+            return sjson(_decision_json(current_decision(request)))
+
+        @app.get("/cached")
+        @app_hook
+        async def cached(request: Any) -> Any:
+            self.ran.append("handler")
+            return text("x", headers={"cache-control": "public, max-age=60"})
+
+        CountingSticky(app, self.config)
+        return app
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        headers: Headers | None = None,
+        body: bytes | None = None,
+    ) -> Reply:
+        self.ran.clear()
+        before = self.middleware_calls
+        raw = [(k, v.encode("latin-1")) for k, v in _pairs(headers)]
+        async with LifespanClient(sanic_asgi(self._app())) as client:
+            response = await client.request(method, path, headers=raw, content=body)
+        if method in self.routes.get(path, ()):  # a request that matches no route goes
+            # through Sanic's error path, where flysticky's middleware is the only way in
+            assert self.middleware_calls == before, "flysticky's middleware ran: no fast path"
+        return Reply(
+            response.status_code,
+            list(response.headers.multi_items()),
+            response.content,
+            list(self.ran),
+        )
+
+
 class QuartHarness:
     framework = "quart"
 
@@ -196,7 +292,7 @@ class QuartHarness:
         )
 
 
-HARNESSES = {"sanic": SanicHarness, "quart": QuartHarness}
+HARNESSES = {"sanic": SanicHarness, "sanic-fast": SanicFastHarness, "quart": QuartHarness}
 
 
 def all_header_text(reply: Reply) -> Iterable[str]:
