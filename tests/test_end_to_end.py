@@ -233,11 +233,15 @@ async def test_a_stray_duplicate_neither_poisons_the_cache_nor_unsticks_a_browse
                 async with plain.get("/whoami", headers={"cookie": f"fly-machine-id={a}"}) as r:
                     assert (await r.json())["machine"] == a
         # A browser whose cookie reads "A; B" (an older stray A first, its own B last),
-        # over and over: it sticks to B, and no replay it causes is cached under A's value.
+        # over and over. Which value a proxy's cache looks up is Fly's choice (the emulator
+        # takes the first: a hit sends it to A, which re-pins it there once); either way
+        # it sticks to one machine, and no replay it causes is cached under A's value.
         browser = StrayBrowser(a, stray_created=0)
         browser.cookies["ours"] = (1, b)
         seen = await browse(emulator.url, browser, 12)
-        assert {body["machine"] for body in seen} == {b}
+        homes = [body["machine"] for body in seen]
+        assert len(set(homes[1:])) == 1, homes
+        assert sum(body["outcome"] == "repinned" for body in seen) <= 1, seen
         async with aiohttp.ClientSession(base_url=emulator.url) as plain:
             for _ in range(6):
                 async with plain.get("/whoami", headers={"cookie": f"fly-machine-id={a}"}) as r:

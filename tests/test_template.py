@@ -509,14 +509,14 @@ def test_flysticky_new_uses_the_bundled_template(
         == 1
     )
     assert "fly_app_name='NO'" in capfd.readouterr().err
-    # framework is a choice variable: cookiecutter itself refuses other values.
+    # framework is a choice variable: refused before cookiecutter runs, as a usage error.
     assert (
         flysticky_main(
             ["new", "--no-input", "--output-dir", str(tmp_path / "bad"), "framework=django"]
         )
-        == 1
+        == 2
     )
-    assert "choices are ['sanic', 'quart']" in capfd.readouterr().err
+    assert "framework='django': one of sanic, quart" in capfd.readouterr().err
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
