@@ -192,8 +192,10 @@ async def test_a_number_out_of_range_is_an_error_not_an_id_prefix() -> None:
     from .emulator_fixtures import running
 
     async with running(machines=3) as (emulator, _):
-        # An id made to start with 9: "k 9" must not reach it.
-        emulator.fleet.machines[2].id = "9" + emulator.fleet.machines[2].id[1:]
+        # Only the third id starts with 9 (ids are random: set them all): "k 9" must not
+        # reach it.
+        for machine, first in zip(emulator.fleet.machines, "ab9", strict=True):
+            machine.id = first + machine.id[1:]
         answer = await _key(emulator, ["k", "9"], asyncio.Event())
         assert answer == (
             "error: no machine number 9: there are 3 (1-3); "
