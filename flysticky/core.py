@@ -291,7 +291,10 @@ class Decider:
         # then list it after an older stray of the same name and path, so that the last
         # value, the pin, is ours again (RFC 6265 5.4: equal paths, older first).
         expire = f"{config.cookie_name}=; Max-Age=0{scope}"
-        self._expire = (expire, expire + "; Secure")
+        self._expire_before: dict[str | None, str] = {
+            stamp: expire,
+            stamp + "; Secure": expire + "; Secure",
+        }
         #: The one Decision every request pinned here gets: shared, never changed.
         self.pinned = Decision(Outcome.PINNED, machine_id, machine_id)
         self._skipped = Decision(Outcome.SKIPPED, machine_id)
@@ -317,9 +320,9 @@ class Decider:
     def _read(self, cookie_header: str) -> tuple[str | None, bool]:
         """The pin, and whether our cookie arrived with values that differ: then a proxy
         keying its replay cache on the cookie might take another value than the pin."""
-        if self.config.cookie_name not in cookie_header:
+        if self._name not in cookie_header:
             return None, False
-        values = cookie_values(cookie_header, self.config.cookie_name)
+        values = cookie_values(cookie_header, self._name)
         valid = [v for v in values if is_machine_id(v)]
         if not valid:
             return None, False
@@ -380,7 +383,7 @@ class Decider:
                     _refuse_awaitable(skipper, skip)
                 return self._skipped
         if not cookie_header:
-            log.debug("stamped: no %s cookie, pinned to %s", self._name_eq[:-1], self.machine_id)
+            log.debug("stamped: no %s cookie, pinned to %s", self._name, self.machine_id)
             return self._stamped(headers, is_websocket)
         # The common case, inline: the last "<name>=<this machine>" in the header is a
         # whole cookie, and our name does not occur after it. Anything less plain
@@ -402,9 +405,7 @@ class Decider:
                 return self.pinned
         pin, ambiguous = self._remembered_read(cookie_header)
         if pin is None:
-            log.debug(
-                "stamped: no valid %s cookie, pinned to %s", self._name_eq[:-1], self.machine_id
-            )
+            log.debug("stamped: no valid %s cookie, pinned to %s", self._name, self.machine_id)
             return self._stamped(headers, is_websocket)
         if pin == self.machine_id:
             # A request is never replayed to the machine that received it.
@@ -427,11 +428,7 @@ class Decider:
                     pin,
                     stamp,
                     arrived_by=name,
-                    expire_cookie=(
-                        self._expire[stamp.endswith("; Secure")]
-                        if ambiguous and stamp is not None
-                        else None
-                    ),
+                    expire_cookie=self._expire_before.get(stamp) if ambiguous else None,
                 )
         if not _body_replayable(headers):
             log.debug("off_pin: body too big or of unknown length to replay to %s", pin)
@@ -446,6 +443,6 @@ def _refuse_awaitable(skipper: object, result: Any) -> NoReturn:
         result.close()  # no "coroutine was never awaited" warning on top of this error
     raise TypeError(
         f"StickyConfig.skipper={skipper!r} returned an awaitable ({type(result).__name__}): "
-        "the skipper must be a "
-        "plain function returning a bool (it runs on every request, before any await)"
+        "the skipper must be a plain function returning a bool (it runs on every request, "
+        "before any await)"
     )

@@ -64,26 +64,24 @@ class StickySessions:
         # (blueprints' included), and costs less than one more hook in those lists.
         # Typed as Any: the methods' signatures differ between Quart versions.
         target: Any = app
-        target.preprocess_request = self._preprocessor(app.preprocess_request, "request", False)
-        target.preprocess_websocket = self._preprocessor(
-            app.preprocess_websocket, "websocket", True
-        )
+        target.preprocess_request = self._preprocessor(app.preprocess_request, False)
+        target.preprocess_websocket = self._preprocessor(app.preprocess_websocket, True)
         app.before_serving(self._start_serving)
         app.after_serving(self._stop_serving)
 
     def _preprocessor(
         self,
         preprocess: Callable[..., Awaitable[ResponseReturnValue | None]],
-        kind: str,
         is_websocket: bool,
     ) -> Callable[..., Awaitable[ResponseReturnValue | None]]:
+        kind = "websocket" if is_websocket else "request"
         proxy: Any = websocket if is_websocket else request
 
         async def sticky_preprocess(
             context: Any = None, /, *args: Any, **kwargs: Any
         ) -> ResponseReturnValue | None:
             target = getattr(context, kind) if context is not None else proxy._get_current_object()
-            replay = self._decide(target, target.headers, is_websocket)
+            replay = self._decide(target, is_websocket)
             if replay is not None:
                 return replay
             if context is None:
@@ -111,10 +109,11 @@ class StickySessions:
             self._decider = decider_for(self.config, value)
         return self._decider
 
-    def _decide(self, target: Any, headers: Headers, is_websocket: bool) -> Response | None:
+    def _decide(self, target: Any, is_websocket: bool) -> Response | None:
         decider = self._current_decider()
         if decider is None:
             return None
+        headers: Headers = target.headers
         cookie = join_cookie_headers(headers.getlist("cookie"))
         decision = decider.decide(target, cookie, HeaderTable(headers.items()), is_websocket)
         g.flysticky = decision

@@ -72,39 +72,66 @@ def _decision_json(decision: Any) -> dict[str, Any]:
     }
 
 
+def _sanic_app(ran: list[str], hook_in_handler: bool) -> Any:
+    """The conformance app on Sanic. The app's own code before each handler ("hook") is
+    an app-wide request middleware, or, with ``hook_in_handler``, a decorator on each
+    handler (no request middleware at all: flysticky's fast path)."""
+    from sanic import Sanic, text
+    from sanic import json as sjson
+
+    from flysticky.sanic import current_decision
+
+    app: Sanic[Any, Any] = Sanic(f"conf_{uuid.uuid4().hex[:8]}")
+    app.config.REQUEST_MAX_SIZE = 8 * 1024 * 1024
+
+    def hooked(handler: Any) -> Any:
+        if not hook_in_handler:
+            return handler
+
+        async def with_hook(request: Any) -> Any:
+            ran.append("hook")
+            return await handler(request)
+
+        with_hook.__name__ = handler.__name__
+        return with_hook
+
+    if not hook_in_handler:
+
+        @app.on_request
+        async def app_hook(request: Any) -> None:
+            ran.append("hook")
+
+    @app.route("/", methods=["GET", "POST"])
+    @hooked
+    async def index(request: Any) -> Any:
+        ran.append("handler")
+        return sjson(_decision_json(current_decision(request)))
+
+    @app.get("/health")
+    @hooked
+    async def health(request: Any) -> Any:
+        ran.append("handler")
+        return sjson(_decision_json(current_decision(request)))
+
+    @app.get("/cached")
+    @hooked
+    async def cached(request: Any) -> Any:
+        ran.append("handler")
+        return text("x", headers={"cache-control": "public, max-age=60"})
+
+    return app
+
+
 class SanicHarness:
     framework = "sanic"
 
     def __init__(self, config: StickyConfig | None) -> None:
-        from sanic import Sanic, text
-        from sanic import json as sjson
         from sanic_testing.testing import SanicASGITestClient
 
-        from flysticky.sanic import StickySessions, current_decision
+        from flysticky.sanic import StickySessions
 
         self.ran: list[str] = []
-        app: Sanic[Any, Any] = Sanic(f"conf_{uuid.uuid4().hex[:8]}")
-        app.config.REQUEST_MAX_SIZE = 8 * 1024 * 1024
-
-        @app.on_request
-        async def app_hook(request: Any) -> None:
-            self.ran.append("hook")
-
-        @app.route("/", methods=["GET", "POST"])
-        async def index(request: Any) -> Any:
-            self.ran.append("handler")
-            return sjson(_decision_json(current_decision(request)))
-
-        @app.get("/health")
-        async def health(request: Any) -> Any:
-            self.ran.append("handler")
-            return sjson(_decision_json(current_decision(request)))
-
-        @app.get("/cached")
-        async def cached(request: Any) -> Any:
-            self.ran.append("handler")
-            return text("x", headers={"cache-control": "public, max-age=60"})
-
+        app = _sanic_app(self.ran, hook_in_handler=False)
         StickySessions(app, config)
         self.client = SanicASGITestClient(app)
 
@@ -153,10 +180,9 @@ class SanicFastHarness:
         self.middleware_calls = 0
 
     def _app(self) -> Any:
-        from sanic import Sanic, text
-        from sanic import json as sjson
+        from sanic import Sanic
 
-        from flysticky.sanic import StickySessions, current_decision
+        from flysticky.sanic import StickySessions
 
         # Sanic rewrites its own request path at each start (TouchUp); in test mode it
         # starts from the original every time, so that many apps can start in one process.
@@ -168,35 +194,7 @@ class SanicFastHarness:
                 harness.middleware_calls += 1
                 return await super()._request_middleware(request)
 
-        def app_hook(handler: Any) -> Any:
-            async def hooked(request: Any) -> Any:
-                self.ran.append("hook")
-                return await handler(request)
-
-            hooked.__name__ = handler.__name__
-            return hooked
-
-        app: Sanic[Any, Any] = Sanic(f"fast_{uuid.uuid4().hex[:8]}")
-        app.config.REQUEST_MAX_SIZE = 8 * 1024 * 1024
-
-        @app.route("/", methods=["GET", "POST"])
-        @app_hook
-        async def index(request: Any) -> Any:
-            self.ran.append("handler")
-            return sjson(_decision_json(current_decision(request)))
-
-        @app.get("/health")
-        @app_hook
-        async def health(request: Any) -> Any:
-            self.ran.append("handler")
-            return sjson(_decision_json(current_decision(request)))
-
-        @app.get("/cached")
-        @app_hook
-        async def cached(request: Any) -> Any:
-            self.ran.append("handler")
-            return text("x", headers={"cache-control": "public, max-age=60"})
-
+        app = _sanic_app(self.ran, hook_in_handler=True)
         CountingSticky(app, self.config)
         return app
 
