@@ -11,9 +11,9 @@ from .core import (
     Decision,
     Outcome,
     decider_for,
-    is_machine_id,
     machine_id_from_env,
 )
+from .owners import is_machine_id, new_session_id, session_machine
 
 __all__ = [
     "REPLAY_BODY_LIMIT",
@@ -24,5 +24,7 @@ __all__ = [
     "decider_for",
     "is_machine_id",
     "machine_id_from_env",
+    "new_session_id",
+    "session_machine",
 ]
 __version__ = "0.1.0"

@@ -13,6 +13,12 @@ from typing import Any, Literal, get_args
 #: another machine when the pinned one is gone; ``instance`` is echofly's strict form.
 ReplayMode = Literal["prefer_instance", "instance"]
 REPLAY_MODES: tuple[str, ...] = get_args(ReplayMode)
+#: Which machines own keys: "all" deployed ones (Fly's ``all.vms.<app>.internal``: a
+#: replay wakes a stopped or suspended owner, as it does for a pinned cookie) or only
+#: the "started" ones (``vms.<app>.internal``: keys move off a machine that autostop
+#: stopped, so it can stay asleep).
+OwnerSet = Literal["all", "started"]
+OWNER_SETS: tuple[str, ...] = get_args(OwnerSet)
 SAME_SITE_VALUES: tuple[str, ...] = ("Lax", "Strict", "None")
 
 # RFC 6265 cookie-name = token (RFC 9110): visible ASCII minus separators. The one
@@ -43,6 +49,17 @@ def _is_async_callable(value: object) -> bool:
     )
 
 
+def _check_function(field: str, value: object, allowed: str) -> None:
+    if value is None:
+        return
+    if not callable(value):
+        raise _reject(field, value, allowed)
+    if _is_async_callable(value):
+        raise _reject(
+            field, value, "a plain (not async) function; it runs on every request, before any await"
+        )
+
+
 def _reject(field: str, value: object, allowed: str) -> ValueError:
     return ValueError(f"StickyConfig.{field}={value!r} is not allowed: {allowed}")
 
@@ -51,8 +68,8 @@ def _reject(field: str, value: object, allowed: str) -> ValueError:
 class StickyConfig:
     """How flysticky pins sessions. The defaults are echofly's.
 
-    ``skipper`` receives the framework's own request object (Sanic ``Request``;
-    Quart ``request`` or ``websocket``) and returns True to leave that request alone.
+    ``skipper`` and ``key`` receive the framework's own request object (Sanic
+    ``Request``; Quart ``request`` or ``websocket``).
     """
 
     #: The cookie holding the pinned machine id (also the replay cache's key in fly.toml).
@@ -74,6 +91,24 @@ class StickyConfig:
     #: The fly-replay field: "prefer_instance" heals when the machine is gone,
     #: "instance" is echofly's strict form.
     replay_mode: ReplayMode = "prefer_instance"
+    #: ``f(request) -> str | None``, a plain function naming the request's affinity key (a
+    #: room, a document): every request with that key goes to the machine that owns it.
+    #: None for a request: the visitor cookie decides, as without ``key``.
+    key: Callable[[Any], str | None] | None = None
+    #: A request header carrying session ids made by ``flysticky.new_session_id()``
+    #: (``"mcp-session-id"``, say): a request carrying one goes to the machine it names.
+    session_header: str | None = None
+    #: Which machines own keys (see OwnerSet): "all" keeps a key's owner while autostop
+    #: stops or suspends it; "started" moves its keys to running machines.
+    owners: OwnerSet = "all"
+    #: How often the app's machines are looked up in Fly's internal DNS, in seconds.
+    refresh_seconds: float = 5.0
+    #: A body too big to replay (over 1 MiB) is forwarded over Fly's private network to
+    #: the machine it belongs to, when that machine resolves; else it is served here.
+    forward_large_bodies: bool = True
+    #: The port the app listens on at every machine (fly.toml's internal_port); None
+    #: reads ``PORT``, else 8080.
+    forward_port: int | None = None
 
     def __post_init__(self) -> None:
         if not is_cookie_name(self.cookie_name):
@@ -90,15 +125,7 @@ class StickyConfig:
                 )
             if seconds <= 0 or seconds != int(seconds):
                 raise _reject("max_age", max_age, "a positive whole number of seconds, or None")
-        if self.skipper is not None:
-            if not callable(self.skipper):
-                raise _reject("skipper", self.skipper, "a function taking the request, or None")
-            if _is_async_callable(self.skipper):
-                raise _reject(
-                    "skipper",
-                    self.skipper,
-                    "a plain (not async) function returning a bool; it runs on every request",
-                )
+        _check_function("skipper", self.skipper, "a function taking the request, or None")
         if self.secure not in (None, True, False):
             raise _reject("secure", self.secure, "True, False or None (Secure behind https)")
         canonical = {v.lower(): v for v in SAME_SITE_VALUES}.get(str(self.same_site).lower())
@@ -125,6 +152,29 @@ class StickyConfig:
             raise _reject("domain", self.domain, "a host name such as 'example.com', or None")
         if self.replay_mode not in REPLAY_MODES:
             raise _reject("replay_mode", self.replay_mode, "'prefer_instance' or 'instance'")
+        _check_function("key", self.key, "a plain function taking the request, or None")
+        if self.session_header is not None:
+            if not is_cookie_name(self.session_header):  # a header name is a token too
+                raise _reject(
+                    "session_header", self.session_header, "a header name such as 'mcp-session-id'"
+                )
+            object.__setattr__(self, "session_header", self.session_header.lower())
+        if self.owners not in OWNER_SETS:
+            raise _reject("owners", self.owners, "'all' or 'started'")
+        refresh = self.refresh_seconds
+        if (
+            isinstance(refresh, bool)
+            or not isinstance(refresh, int | float)
+            or not 0.1 <= refresh <= 3600
+        ):
+            raise _reject("refresh_seconds", refresh, "a number of seconds from 0.1 to 3600")
+        if not isinstance(self.forward_large_bodies, bool):
+            raise _reject("forward_large_bodies", self.forward_large_bodies, "True or False")
+        port = self.forward_port
+        if port is not None and (
+            isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535
+        ):
+            raise _reject("forward_port", port, "a port from 1 to 65535, or None to read PORT")
 
     @property
     def max_age_seconds(self) -> int | None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from inspect import isasyncgen, isawaitable
 from typing import Any, NoReturn, Protocol
 
 from .config import StickyConfig
+from .owners import Owners, is_machine_id, session_machine
 
 log = logging.getLogger("flysticky")
 
@@ -29,24 +29,24 @@ REPLAY_HEADER = "fly-replay"
 #: The ``state`` a replay carries when our cookie arrived with two different values:
 #: it makes the replay one Fly's proxy does not cache.
 AMBIGUOUS_REPLAY_STATE = "state=flysticky-duplicate-cookie"
+#: The ``state`` of a replay routed by a key (or by a session id when our cookie is
+#: present too): Fly's replay cache keys on one cookie or header value per client, and a
+#: client visits many keys, so no cache entry could be right for all of them.
+KEY_REPLAY_STATE = "state=flysticky-key"
+#: The request header on a request flysticky forwarded over the private network: the
+#: machine it came from.
+FORWARDED_HEADER = "flysticky-forwarded-from"
 #: Request headers Fly's proxy adds to a request it delivers by replay, by a
 #: replay-cache hit, to a substitute for an unavailable preferred machine, or by
-#: a fallback. Such a request is never replayed again.
+#: a fallback, and flysticky's own on a forwarded request. Such a request is never
+#: replayed or forwarded again.
 ARRIVAL_HEADERS = (  # failover signals first: they say the most about why
     "fly-preferred-instance-unavailable",
     "fly-replay-failed",
     "fly-replay-src",
     "fly-replay-cache-status",
+    FORWARDED_HEADER,
 )
-
-# Real machine ids are 14 lowercase hex digits; echofly's tests use ids such as
-# "test-machine-123". Nothing outside this grammar ever reaches a header.
-_MACHINE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def is_machine_id(value: str) -> bool:
-    """True when ``value`` is something flysticky will pin to or put in a header."""
-    return _MACHINE_ID.fullmatch(value) is not None
 
 
 class HeaderLookup(Protocol):
@@ -76,6 +76,9 @@ class Outcome(enum.Enum):
     REPLAYED = "replayed"  # the cookie names another machine: fly-replay there
     REPINNED = "repinned"  # arrived by replay/failover: served, cookie moved here
     OFF_PIN = "off_pin"  # body Fly cannot replay: served here, cookie kept
+    FORWARDED = "forwarded"  # body Fly cannot replay: forwarded to its machine over 6PN
+    UNOWNED = "unowned"  # a key or session id whose machine is unknown, gone, or was
+    # already tried (arrived by replay): served here
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,13 @@ class Decision:
     that is gone cannot keep a session bouncing).
 
     ``set_cookie`` and ``replay`` are complete header values for the adapter to send.
+
+    A request routed by ``StickyConfig.key`` carries its ``key`` and ``routed_by="key"``;
+    one routed by a session id, ``routed_by`` = the session header's name. Then
+    ``pinned_to`` is the machine that owns the key or that the id names (None while the
+    app's machines are not known yet), and a replay ends in ``;state=flysticky-key``
+    when Fly must not cache it (see KEY_REPLAY_STATE). ``OFF_PIN`` becomes ``FORWARDED``
+    once the adapter has forwarded the request to ``pinned_to`` over the private network.
     """
 
     outcome: Outcome
@@ -107,6 +117,10 @@ class Decision:
     #: A Set-Cookie that expires our cookie just before ``set_cookie`` sets it again: sent
     #: on a re-pin when the cookie arrived with other values (see above).
     expire_cookie: str | None = None
+    #: What routed the request when not the visitor cookie: "key", or the session header.
+    routed_by: str | None = None
+    #: The affinity key ``StickyConfig.key`` named for this request.
+    key: str | None = None
 
     @property
     def serve(self) -> bool:
@@ -305,6 +319,16 @@ class Decider:
         self._stamped_websocket = Decision(Outcome.STAMPED, machine_id)
         self._replays: dict[tuple[str, bool], Decision] = {}
         self._reads: dict[str, tuple[str | None, bool]] = {}
+        #: The machines that own keys; discovery (flysticky.discovery) keeps it current.
+        self.owners = Owners(machine_id)
+        self._key = config.key
+        self._session_header = config.session_header
+        self._key_replays: dict[tuple[str, bool], str] = {}
+        self.decide: Callable[[Any, str | None, HeaderLookup, bool], Decision] = (
+            self._decide_routed
+            if config.key is not None or config.session_header is not None
+            else self._decide_by_cookie
+        )
 
     def read_pin(self, cookie_header: str) -> str | None:
         """The machine the Cookie header pins this request to, or None.
@@ -367,14 +391,109 @@ class Decider:
             self._replays[key] = decision
         return decision
 
-    def decide(
+    def _decide_routed(
         self,
         request: Any,
         cookie_header: str | None,
         headers: HeaderLookup,
         is_websocket: bool = False,
     ) -> Decision:
-        """Decide one request. ``request`` is only handed to the skipper."""
+        """``decide`` when the config routes by key or session id; the visitor cookie
+        decides the requests that carry neither."""
+        key_function = self._key
+        if key_function is not None:
+            key = key_function(request)
+            if key is not None:
+                if key.__class__ is not str:
+                    _refuse_key(key_function, key)
+                if self._skipped_by(request):
+                    return self._skipped
+                owner = self.owners.owner(key)
+                return self._owned(owner, headers, False, "key", key)
+        name = self._session_header
+        if name is not None:
+            session = headers.get(name)
+            if session and not self._skipped_by(request):
+                machine = session_machine(session.strip(" \t"))
+                members = self.owners.members
+                if machine is not None and members is not None and machine not in members:
+                    machine = None  # names no machine of this app any more: served here
+                # Our cookie on the same request: a cookie-keyed replay cache could file
+                # this machine under the visitor's pin.
+                cacheable = not cookie_header or self._name not in cookie_header
+                return self._owned(machine, headers, cacheable, name, None)
+        return self._decide_by_cookie(request, cookie_header, headers, is_websocket)
+
+    def _skipped_by(self, request: Any) -> bool:
+        skipper = self._skipper
+        if skipper is None:
+            return False
+        skip = skipper(request)
+        if skip and skip is not True and (isawaitable(skip) or isasyncgen(skip)):
+            _refuse_awaitable(skipper, skip)
+        return bool(skip)
+
+    def _owned(
+        self,
+        owner: str | None,
+        headers: HeaderLookup,
+        cacheable: bool,
+        routed_by: str,
+        key: str | None,
+    ) -> Decision:
+        """The decision for a request whose machine is ``owner`` (a key's or a session
+        id's), by the cookie path's rules: served there, replayed there once, never
+        replayed twice, never replayed with a body Fly cannot replay."""
+        machine_id = self.machine_id
+        if owner is None:
+            return Decision(Outcome.UNOWNED, machine_id, routed_by=routed_by, key=key)
+        if owner == machine_id:
+            return Decision(Outcome.PINNED, machine_id, owner, routed_by=routed_by, key=key)
+        for name in ARRIVAL_HEADERS:
+            if name in headers:
+                # The machines disagree on the owner for a moment (one just joined or
+                # left), or the owner is gone: serve, never bounce the request back.
+                log.info(
+                    "unowned: %s %r owned by %s arrived here (%s) by %s; served here",
+                    routed_by,
+                    key if key is not None else "session",
+                    owner,
+                    machine_id,
+                    name,
+                )
+                return Decision(
+                    Outcome.UNOWNED,
+                    machine_id,
+                    owner,
+                    arrived_by=name,
+                    routed_by=routed_by,
+                    key=key,
+                )
+        if not _body_replayable(headers):
+            log.debug("off_pin: body too big or of unknown length to replay to %s", owner)
+            return Decision(Outcome.OFF_PIN, machine_id, owner, routed_by=routed_by, key=key)
+        replay = self._key_replays.get((owner, cacheable))
+        if replay is None:
+            if len(self._key_replays) >= _REPLAY_CACHE_SIZE:
+                self._key_replays.clear()
+            replay = self._replay_field + owner
+            if not cacheable:
+                replay += ";" + KEY_REPLAY_STATE
+            self._key_replays[owner, cacheable] = replay
+        log.debug("replayed: %s owned by %s", routed_by, owner)
+        return Decision(
+            Outcome.REPLAYED, machine_id, owner, replay=replay, routed_by=routed_by, key=key
+        )
+
+    def _decide_by_cookie(
+        self,
+        request: Any,
+        cookie_header: str | None,
+        headers: HeaderLookup,
+        is_websocket: bool = False,
+    ) -> Decision:
+        """``decide`` by the visitor cookie alone. ``request`` is only handed to the
+        skipper."""
         skipper = self._skipper
         if skipper is not None:
             skip = skipper(request)
@@ -436,6 +555,13 @@ class Decider:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("replayed: session pinned to %s%s", pin, " (duplicate cookie)" * ambiguous)
         return self._replay(pin, ambiguous)
+
+
+def _refuse_key(function: object, key: object) -> NoReturn:
+    raise TypeError(
+        f"StickyConfig.key={function!r} returned {key!r}: it must return a str (the key) "
+        "or None (the visitor cookie decides)"
+    )
 
 
 def _refuse_awaitable(skipper: object, result: Any) -> NoReturn:
