@@ -100,6 +100,12 @@ def _add_proxy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=_port, default=8080, help="proxy port (default 8080)")
     parser.add_argument("--host", default="127.0.0.1", help="proxy address (default 127.0.0.1)")
     parser.add_argument(
+        "--dns-port",
+        type=_port,
+        default=0,
+        help="port of the machines' internal DNS on 127.0.0.1, UDP and TCP (default: a free one)",
+    )
+    parser.add_argument(
         "--regions", type=_regions, default=["iad"], help="machine regions, spread: iad,ams"
     )
     parser.add_argument(
@@ -107,6 +113,12 @@ def _add_proxy_options(parser: argparse.ArgumentParser) -> None:
         choices=("http", "https"),
         default="http",
         help="X-Forwarded-Proto to send, as if TLS ended at the edge (default http)",
+    )
+    parser.add_argument(
+        "--port-per-machine",
+        action="store_true",
+        help="for an app that cannot listen on $HOST: each machine on 127.0.0.1 with a port of "
+        "its own (then the private network, <id>.vm.<app>.internal, reaches nothing)",
     )
     parser.add_argument("--quiet", action="store_true", help="do not echo the machines' output")
     parser.add_argument(
@@ -325,7 +337,14 @@ async def _serve(
     from .proxy.machines import Fleet, MachineError
 
     app_name = app_name or "flysticky-local"
-    fleet = Fleet(command, app_name=app_name, regions=args.regions, cwd=cwd, echo=not args.quiet)
+    fleet = Fleet(
+        command,
+        app_name=app_name,
+        regions=args.regions,
+        cwd=cwd,
+        echo=not args.quiet,
+        private_network=False if args.port_per_machine else None,
+    )
     emulator = Emulator(
         fleet,
         host=args.host,
@@ -334,6 +353,7 @@ async def _serve(
         forwarded_proto=args.forwarded_proto,
         autostop=config.autostop,
         idle_after=args.idle_after,
+        dns_port=args.dns_port,
     )
     stop = asyncio.Event()
     stopped_by: list[signal.Signals] = []
@@ -367,9 +387,10 @@ async def _serve(
             f"min_machines_running={autostop.min_running})\n"
             f"  open  {emulator.url}/\n"
             + "".join(
-                f"  machine {i}: {m.id} {m.region} pid {m.pid}\n"
+                f"  machine {i}: {m.id} {m.region} pid {m.pid} on {m.host}:{m.port}\n"
                 for i, m in enumerate(fleet.machines, 1)
             )
+            + _dns_lines(emulator)
             + f"  {KEYS}\n"
             f"  or:   curl -X POST {emulator.url}{ADMIN_PREFIX}/machines/<id>/"
             "crash|stop|suspend|start|restart|destroy\n"
@@ -389,6 +410,18 @@ async def _serve(
         await emulator.close()
         if pids:
             say(_summary(emulator) + f"\nstopped machine processes {pids}")
+
+
+def _dns_lines(emulator: Any) -> str:
+    host, port = emulator.dns_address
+    app = emulator.fleet.app_name
+    return (
+        f"  internal DNS {host}:{port} (the machines' FLYSTICKY_RESOLVER): vms.{app}.internal, "
+        f"all.vms.{app}.internal, <id>.vm.{app}.internal, ...\n"
+        f"  ask it: dig @{host} -p {port} +short TXT vms.{app}.internal\n"
+        f"  or run a process of yours with it: "
+        f"FLYSTICKY_RESOLVER={host}:{port} FLY_APP_NAME={app} python app.py\n"
+    )
 
 
 def say(text: str) -> None:

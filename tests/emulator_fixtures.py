@@ -40,8 +40,16 @@ async def running(
     env: dict[str, str] | None = None,
     autostop: Autostop | None = None,
     idle_after: float = 60.0,
+    private_network: bool | None = None,
 ) -> AsyncIterator[tuple[Emulator, aiohttp.ClientSession]]:
-    fleet = Fleet(command, app_name="sticky-test", regions=regions, cwd=cwd, env=env)
+    fleet = Fleet(
+        command,
+        app_name="sticky-test",
+        regions=regions,
+        cwd=cwd,
+        env=env,
+        private_network=private_network,
+    )
     emulator = Emulator(
         fleet, port=0, cache_rules=cache_rules, autostop=autostop, idle_after=idle_after
     )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import sys
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -487,9 +489,38 @@ async def test_autostop_stops_or_suspends_idle_machines_down_to_min(mode: AutoSt
         assert echo["machine"] == asleep.id
 
 
-async def test_machines_get_host_127_0_0_1() -> None:
-    async with running(machines=1) as (_emulator, client):
-        assert (await get_json(client, "/echo"))[1]["host_env"] == "127.0.0.1"
+async def test_machines_get_a_loopback_host_of_their_own() -> None:
+    async with running(machines=1) as (emulator, client):
+        host = (await get_json(client, "/echo"))[1]["host_env"]
+        assert host == emulator.fleet.machines[0].host
+        assert ipaddress.ip_address(host).is_loopback
+
+
+async def test_machines_share_one_port_and_each_has_its_own_address() -> None:
+    async with running(machines=3) as (emulator, _):
+        machines = emulator.fleet.machines
+        assert len({m.port for m in machines}) == 1  # Fly's internal_port
+        assert len({m.host for m in machines}) == 3
+
+
+async def test_port_per_machine_for_apps_that_cannot_listen_on_host() -> None:
+    async with running(machines=3, private_network=False) as (emulator, client):
+        machines = emulator.fleet.machines
+        assert {m.host for m in machines} == {"127.0.0.1"}
+        assert len({m.port for m in machines}) == 3
+        assert (await get_json(client, "/echo"))[0] == 200
+
+
+async def test_an_app_that_ignores_host_gets_a_clear_error() -> None:
+    # Listens on 127.0.0.1 whatever $HOST says: the machines cannot share the port there.
+    ignores_host = [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+    fleet = Fleet(ignores_host, ready_timeout=5)
+    emulator = Emulator(fleet, port=0)
+    try:
+        with pytest.raises(MachineError, match=r"must listen on \$HOST.*--port-per-machine"):
+            await emulator.start(2)
+    finally:
+        await emulator.close()
 
 
 async def test_overlapping_restarts_leave_no_orphan() -> None:

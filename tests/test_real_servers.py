@@ -25,6 +25,8 @@ UVICORN = [
     "-m",
     "uvicorn",
     "tests.apps.sticky:app",
+    "--host",
+    "{host}",
     "--port",
     "{port}",
     "--log-level",
@@ -59,9 +61,9 @@ async def machine(request: pytest.FixtureRequest) -> AsyncIterator[Machine]:
         assert_all_stopped(pids)
 
 
-async def raw_request(port: int, request: bytes) -> tuple[int, bytes]:
+async def raw_request(machine: Machine, request: bytes) -> tuple[int, bytes]:
     """Send bytes as they are, read the whole answer: what a hostile client does."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection(machine.host, machine.port)
     writer.write(request)
     await writer.drain()
     data = await asyncio.wait_for(reader.read(1 << 20), 10)
@@ -71,7 +73,7 @@ async def raw_request(port: int, request: bytes) -> tuple[int, bytes]:
 
 
 def ws_url(machine: Machine) -> str:
-    return f"ws://127.0.0.1:{machine.port}/ws"
+    return f"ws://{machine.host}:{machine.port}/ws"
 
 
 async def test_websocket_handshake_for_another_machine_is_a_307_replay(machine: Machine) -> None:
@@ -117,7 +119,7 @@ async def test_hostile_raw_cookie_bytes_are_no_cookie(machine: Machine, cookie: 
         + cookie
         + b"\r\n\r\n"
     )
-    status, head = await raw_request(machine.port, request)
+    status, head = await raw_request(machine, request)
     if status == 400:  # the server itself refused the bytes: also safe
         return
     assert status == 200
@@ -138,7 +140,7 @@ async def test_chunked_body_is_served_off_pin(machine: Machine) -> None:
         + chunk
         + b"\r\n0\r\n\r\n"
     )
-    status, head = await raw_request(machine.port, request)
+    status, head = await raw_request(machine, request)
     assert status == 200
     assert b"fly-replay" not in head.lower()
 
@@ -150,5 +152,5 @@ async def test_content_length_at_and_over_the_limit(machine: Machine) -> None:
             + f"Cookie: fly-machine-id={OTHER}\r\nContent-Length: {size}\r\n\r\n".encode()
             + b"x" * size
         )
-        status, _ = await raw_request(machine.port, request)
+        status, _ = await raw_request(machine, request)
         assert status == expected, size

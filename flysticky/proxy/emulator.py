@@ -4,6 +4,7 @@ A development and test tool built on aiohttp (one well-kept library for the serv
 the client and websockets in both directions). Fly.io stays the production engine.
 Everything Fly-specific is decided in ``routing.py``; this module gathers the facts,
 moves bytes and carries out decisions (wake a machine, deliver, stream the answer).
+The fleet's internal DNS (``dns.py``) runs alongside, from start() to close().
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from yarl import URL
 
 from .admin import ADMIN_PREFIX, add_admin_routes
 from .cache import CacheRule, ReplayCache
+from .dns import InternalDns, Vm
 from .flytoml import Autostop
-from .machines import Counters, Fleet, Machine, MachineError
+from .machines import Counters, Fleet, Machine, MachineError, address_text
 from .replay import JSON_CONTENT_TYPE, Replay, ReplayError, is_path, parse_header, parse_json
 from .routing import (
     Decision,
@@ -138,6 +140,7 @@ class Emulator:
         forwarded_proto: str = "http",
         autostop: Autostop | None = None,
         idle_after: float = 60.0,
+        dns_port: int = 0,
     ) -> None:
         self.fleet = fleet
         self.host = host
@@ -153,9 +156,14 @@ class Emulator:
         self._runner: web.AppRunner | None = None
         self._ready = asyncio.Event()  # requests that arrive during start-up wait for it
         self._autostopper: asyncio.Task[None] | None = None
+        self.dns = InternalDns(fleet.app_name, fleet.primary_region, self._vms, port=dns_port)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, machines: int) -> None:
+        # Before any machine: each is told where the DNS is, and may ask it at once.
+        await self.dns.start()
+        host, port = self.dns.address
+        self.fleet.resolver = f"{host}:{port}"
         app = web.Application()
         add_admin_routes(app, self)
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -199,6 +207,7 @@ class Emulator:
                 await self._autostopper
             self._autostopper = None
         await self.fleet.close()
+        await self.dns.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -220,6 +229,14 @@ class Emulator:
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
 
+    @property
+    def dns_address(self) -> tuple[str, int]:
+        """Where the fleet's internal DNS answers, UDP and TCP."""
+        return self.dns.address
+
+    def _vms(self) -> list[Vm]:
+        return [Vm(m.id, m.region, m.facts().state, m.private_ip) for m in self.fleet.machines]
+
     def totals(self) -> Counters:
         total = Counters()
         for machine in self.fleet.machines:
@@ -232,7 +249,9 @@ class Emulator:
                 "id": m.id,
                 "region": m.region,
                 "state": m.facts().state,
+                "host": m.host,
                 "port": m.port,
+                "private_ip": address_text(m.private_ip),
                 "pid": m.pid,
                 "requests": m.counters.requests,
                 "served": m.counters.served,
@@ -420,7 +439,7 @@ class Emulator:
         path, _, query = target.partition("?")
         return URL.build(
             scheme="http",
-            host="127.0.0.1",
+            host=machine.host,
             port=machine.port,
             path=path,
             query_string=query,

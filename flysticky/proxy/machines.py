@@ -5,6 +5,15 @@ States as Fly has them (shared/fly-platform.md, "Machine states"): ``started``;
 memory kept, SIGCONT resumes it); ``crashed`` (the process exited without being asked,
 or was killed: to Fly a stopped machine, started again when a request is aimed at it);
 ``destroyed`` (gone for good). ``starting``/``stopping`` are the moments in between.
+
+Private network (shared/fly-platform.md, "Private network (6PN)"): on Fly every machine has
+its own address and the app listens on the same port (``internal_port``) on each. Here
+machine n gets 127.0.0.(n+2), a loopback address of its own (on Linux all of 127.0.0.0/8
+is this computer), and every machine listens there on one port shared by the fleet; its
+private address is that address IPv4-mapped (``::ffff:127.0.0.2``), which reaches the
+IPv4 listener. Where 127.0.0.2 is not a local address (macOS without ``ifconfig lo0
+alias``), machines cannot share a port: each listens on 127.0.0.1 on a port of its own,
+and its private address (still in the internal DNS) reaches nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import itertools
+import logging
 import os
 import secrets
 import signal
@@ -21,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +48,16 @@ MAX_LINE = 64 * 1024
 _PR_SET_PDEATHSIG = 1
 #: Machines (not destroyed) a fleet runs at most: each is a process on this computer.
 MAX_MACHINES = 32
+#: The first machine's private address; the next machines count up from it.
+FIRST_PRIVATE_ADDRESS = IPv4Address("127.0.0.2")
+
+_log = logging.getLogger(__name__)
+#: Machines share one port on addresses of their own, as on Fly: an app that listens on
+#: 127.0.0.1 or 0.0.0.0 whatever $HOST says takes the port from the others.
+_HOST_HINT = (
+    " (an app must listen on $HOST, or {host} in its command; for one that cannot: "
+    "--port-per-machine)"
+)
 
 
 class MachineError(RuntimeError):
@@ -46,6 +68,29 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def own_loopback_addresses() -> bool:
+    """Whether a machine can listen on a loopback address of its own (127.0.0.2 ...)."""
+    try:
+        with socket.socket() as sock:
+            sock.bind((str(FIRST_PRIVATE_ADDRESS), 0))
+    except OSError:
+        return False
+    return True
+
+
+def mapped(address: IPv4Address) -> IPv6Address:
+    """The IPv4-mapped IPv6 address (``::ffff:127.0.0.2``): an AAAA record can hold it, and
+    a client connecting to it reaches the IPv4 listener."""
+    return IPv6Address(f"::ffff:{address}")
+
+
+def address_text(address: IPv6Address) -> str:
+    """``::ffff:127.0.0.2``, as Python 3.13 writes it; before, ``::ffff:7f00:2``."""
+    if address.ipv4_mapped is not None:
+        return f"::ffff:{address.ipv4_mapped}"
+    return str(address)
 
 
 def new_machine_id() -> str:
@@ -71,6 +116,8 @@ class Machine:
     id: str
     region: str
     port: int
+    host: str = "127.0.0.1"  # where it listens: $HOST
+    private_ip: IPv6Address = field(default_factory=lambda: mapped(IPv4Address("127.0.0.1")))
     process: asyncio.subprocess.Process | None = None
     state: State = "stopped"
     counters: Counters = field(default_factory=Counters)
@@ -150,6 +197,7 @@ class Fleet:
         echo: bool = False,
         ready_timeout: float = 30.0,
         kill_timeout: float = KILL_TIMEOUT,
+        private_network: bool | None = None,
     ) -> None:
         if not command:
             raise MachineError("no command to run on the machines")
@@ -166,6 +214,25 @@ class Fleet:
         self.ready_timeout = ready_timeout
         self.kill_timeout = kill_timeout
         self.machines: list[Machine] = []
+        #: The internal DNS ("127.0.0.1:port") the machines are told to ask, in
+        #: FLYSTICKY_RESOLVER; the Emulator sets it before it adds machines.
+        self.resolver: str | None = None
+        #: None: a private network wherever this computer has the loopback addresses.
+        self.private_network = (
+            own_loopback_addresses() if private_network is None else private_network
+        )
+        #: The port every machine listens on (Fly's internal_port), chosen when the first
+        #: machine is added; None without a private network (a port per machine then).
+        self.internal_port: int | None = None
+        self._addresses = (FIRST_PRIVATE_ADDRESS + n for n in itertools.count())
+        if private_network is None and not self.private_network:
+            _log.warning(
+                "private network: %s is not a local address here (macOS: sudo ifconfig lo0 "
+                "alias %s), so machines listen on 127.0.0.1 on a port each and their "
+                ".internal addresses reach nothing; the internal DNS still answers",
+                FIRST_PRIVATE_ADDRESS,
+                FIRST_PRIVATE_ADDRESS,
+            )
 
     @property
     def primary_region(self) -> str:
@@ -189,7 +256,7 @@ class Fleet:
                 "FLY_ALLOC_ID": machine.id,
                 "FLY_REGION": machine.region,
                 "FLY_APP_NAME": self.app_name,
-                "FLY_PRIVATE_IP": "127.0.0.1",
+                "FLY_PRIVATE_IP": address_text(machine.private_ip),
                 "FLY_PUBLIC_IP": "127.0.0.1",
                 "FLY_IMAGE_REF": f"registry.fly.io/{self.app_name}:local",
                 "FLY_MACHINE_VERSION": "local",
@@ -198,15 +265,19 @@ class Fleet:
                 "PRIMARY_REGION": self.primary_region,
                 "PORT": str(machine.port),
                 # Not a Fly variable: apps that read HOST (the template's do) then listen
-                # on loopback only, like the proxy, not on every interface of the laptop.
-                "HOST": "127.0.0.1",
+                # on the machine's own loopback address, not on every interface of the
+                # laptop, where one port cannot serve every machine.
+                "HOST": machine.host,
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.resolver is not None:
+            env["FLYSTICKY_RESOLVER"] = self.resolver
         return env
 
     def _argv(self, machine: Machine) -> list[str]:
         values = {
+            "{host}": machine.host,
             "{port}": str(machine.port),
             "{machine_id}": machine.id,
             "{region}": machine.region,
@@ -225,7 +296,15 @@ class Fleet:
             raise ValueError(
                 f"machines: at most {MAX_MACHINES} at once (the emulator's cap); destroy one first"
             )
-        machine = Machine(new_machine_id(), region, free_port())
+        address = next(self._addresses)
+        if self.private_network:
+            if self.internal_port is None:
+                self.internal_port = free_port(str(address))
+            machine = Machine(
+                new_machine_id(), region, self.internal_port, str(address), mapped(address)
+            )
+        else:
+            machine = Machine(new_machine_id(), region, free_port(), private_ip=mapped(address))
         self.machines.append(machine)
         try:
             await self.start(machine)
@@ -295,7 +374,8 @@ class Fleet:
 
     # ------------------------------------------------------------------ processes
     async def _spawn(self, machine: Machine) -> None:
-        machine.port = free_port()
+        if not self.private_network:
+            machine.port = free_port()
         machine.state = "starting"  # not given traffic until it listens
         try:
             process = await asyncio.create_subprocess_exec(
@@ -382,10 +462,11 @@ class Fleet:
                 await asyncio.sleep(0.1)  # let the last output arrive
                 raise MachineError(
                     f"machine {machine.id} exited with code {process.returncode} before "
-                    f"listening on port {machine.port}; it printed:\n" + self.tail(machine)
+                    f"listening on {machine.host}:{machine.port} ($HOST:$PORT){_HOST_HINT}; "
+                    "it printed:\n" + self.tail(machine)
                 )
             try:
-                _, writer = await asyncio.open_connection("127.0.0.1", machine.port)
+                _, writer = await asyncio.open_connection(machine.host, machine.port)
             except OSError:
                 await asyncio.sleep(0.05)
                 continue
@@ -394,7 +475,8 @@ class Fleet:
                 await writer.wait_closed()
             return
         raise MachineError(
-            f"machine {machine.id} did not listen on port {machine.port} within "
+            f"machine {machine.id} did not listen on {machine.host}:{machine.port} "
+            f"($HOST:$PORT){_HOST_HINT} within "
             f"{self.ready_timeout:.0f}s; it printed:\n" + self.tail(machine)
         )
 

@@ -2,7 +2,8 @@
 
 ``python -m flysticky.proxy.serve app:app`` is what ``flysticky proxy app:app`` runs
 on each machine: a Sanic app on Sanic's server (one process, so that in-memory
-state is the machine's), anything else as ASGI on Hypercorn.
+state is the machine's), anything else as ASGI on Hypercorn, on $HOST (the machine's
+own loopback address) and $PORT.
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 1:
         raise SystemExit("usage: python -m flysticky.proxy.serve module:app")
     app = load(args[0])
+    host = os.environ.get("HOST", "127.0.0.1")
     port = int(os.environ.get("PORT", "8080"))
     if type(app).__module__.startswith("sanic"):
-        app.run(host="127.0.0.1", port=port, single_process=True, access_log=False, motd=False)
+        app.run(host=host, port=port, single_process=True, access_log=False, motd=False)
         return
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
     config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
+    config.bind = [f"{host}:{port}"]
     config.accesslog = None
     asyncio.run(serve(app, config))
 

@@ -48,6 +48,8 @@ async def describe(request: web.Request) -> web.Response:
             "headers": {k.lower(): v for k, v in request.headers.items()},
             "body_size": len(body),
             "host_env": os.environ.get("HOST"),
+            "private_ip": os.environ.get("FLY_PRIVATE_IP"),
+            "resolver": os.environ.get("FLYSTICKY_RESOLVER"),
             "pid": os.getpid(),
         },
         headers={k: v for k, v in request.query.items() if k.startswith("x-resp-")},
@@ -143,4 +145,6 @@ app.router.add_get("/shout", shout)
 app.router.add_get("/child", child)
 
 if __name__ == "__main__":
-    web.run_app(app, host="127.0.0.1", port=int(os.environ["PORT"]), print=None, access_log=None)
+    web.run_app(
+        app, host=os.environ["HOST"], port=int(os.environ["PORT"]), print=None, access_log=None
+    )
