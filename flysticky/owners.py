@@ -21,7 +21,8 @@ from hashlib import blake2b
 _MACHINE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: Owners remembered per key: keys are attacker-chosen, so the table is bounded.
 _OWNER_CACHE_SIZE = 4096
-#: A key longer than this is hashed by its digest: the score stays cheap for any input.
+#: A key longer than this is scored by its digest, so a score stays cheap for any input,
+#: and is not remembered, so the table stays small.
 _LONG_KEY = 256
 
 
@@ -88,10 +89,11 @@ class Owners:
             if score > best_score:
                 best_score, owner = score, member
         assert owner is not None
-        cache = self._cache
-        if len(cache) >= _OWNER_CACHE_SIZE:
-            cache.clear()
-        cache[key] = owner
+        if len(key) <= _LONG_KEY:
+            cache = self._cache
+            if len(cache) >= _OWNER_CACHE_SIZE:
+                cache.clear()
+            cache[key] = owner
         return owner
 
 

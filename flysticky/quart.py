@@ -15,6 +15,7 @@ give the same object.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -31,10 +32,12 @@ from .core import (
     Decider,
     Decision,
     HeaderTable,
+    Outcome,
     apply_stamp,
     decider_for,
     join_cookie_headers,
 )
+from .network import PrivateNetwork
 
 __all__ = ["StickySessions", "current_decision"]
 
@@ -52,6 +55,7 @@ class StickySessions:
         self._env_value: str | None = None  # the FLY_MACHINE_ID the decider was made for
         self._decider: Decider | None = None
         self._serving = False
+        self._network: PrivateNetwork | None = None
         if app is not None:
             self.init_app(app)
 
@@ -81,9 +85,9 @@ class StickySessions:
             context: Any = None, /, *args: Any, **kwargs: Any
         ) -> ResponseReturnValue | None:
             target = getattr(context, kind) if context is not None else proxy._get_current_object()
-            replay = self._decide(target, is_websocket)
-            if replay is not None:
-                return replay
+            answer = self._decide(target, is_websocket)
+            if answer is not None:
+                return await answer if isinstance(answer, Awaitable) else answer
             if context is None:
                 return await preprocess(*args, **kwargs)
             return await preprocess(context, *args, **kwargs)
@@ -92,11 +96,23 @@ class StickySessions:
 
     async def _start_serving(self) -> None:
         self._serving = False
-        self._current_decider()  # the machine id, read once for the life of the server
+        decider = self._current_decider()  # the machine id, read once for the server's life
+        self._network = PrivateNetwork.for_decider(self.config, decider)
+        if self._network is not None:
+            await self._network.start()
         self._serving = True
 
     async def _stop_serving(self) -> None:
         self._serving = False
+        network, self._network = self._network, None
+        if network is not None:
+            await network.stop()
+
+    def owner(self, key: str) -> str | None:
+        """The machine that owns ``key`` now; None off Fly or while the app's machines
+        are not known (then a request with that key is served where it lands)."""
+        decider = self._decider if self._serving else None
+        return decider.owners.owner(key) if decider is not None else None
 
     def _current_decider(self) -> Decider | None:
         # A served app reads FLY_MACHINE_ID once, at start. Quart's test client never
@@ -109,7 +125,9 @@ class StickySessions:
             self._decider = decider_for(self.config, value)
         return self._decider
 
-    def _decide(self, target: Any, is_websocket: bool) -> Response | None:
+    def _decide(
+        self, target: Any, is_websocket: bool
+    ) -> Response | Awaitable[Response | None] | None:
         decider = self._current_decider()
         if decider is None:
             return None
@@ -119,6 +137,8 @@ class StickySessions:
         g.flysticky = decision
         if decision.replay is not None:
             return Response(b"", REPLAY_STATUS, {REPLAY_HEADER: decision.replay})
+        if decision.outcome is Outcome.OFF_PIN and self._network is not None:
+            return self._forwarded(target, decision, self._network)
         if decision.set_cookie is not None:
 
             async def stamp(
@@ -129,3 +149,26 @@ class StickySessions:
 
             after_this_request(stamp)
         return None
+
+    async def _forwarded(
+        self, target: Any, decision: Decision, network: PrivateNetwork
+    ) -> Response | None:
+        """The request sent to its machine over the private network, its body streamed
+        as it arrives and the answer streamed back; None when it cannot be (then it is
+        served here)."""
+        if not network.forwards or decision.pinned_to is None:
+            return None
+        scope = target.scope
+        path = scope.get("raw_path") or target.path.encode()
+        query = scope.get("query_string", b"")
+        forwarded = await network.forward(
+            decision.pinned_to,
+            target.method,
+            (path + b"?" + query if query else path).decode("latin-1"),
+            target.headers.items(),
+            target.body,
+        )
+        if forwarded is None:
+            return None
+        g.flysticky = dataclasses.replace(decision, outcome=Outcome.FORWARDED)
+        return Response(forwarded.body, forwarded.status, Headers(forwarded.headers))

@@ -20,10 +20,11 @@ replaced by a subclass when the app uses Sanic's own ``make_context``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from inspect import isawaitable
 from types import SimpleNamespace
 from typing import Any
@@ -45,6 +46,7 @@ from .core import (
     join_cookie_headers,
     log,
 )
+from .network import PrivateNetwork
 
 __all__ = ["StickySessions", "current_decision"]
 
@@ -76,6 +78,10 @@ class _Wrapped:
         # Whether a route it serves runs app request hooks, so that flysticky's
         # first-placed middleware has already decided.
         self.hooked = False
+
+
+#: What ``_apply`` answers for a body that goes home over the private network.
+_FORWARD = object()
 
 
 def current_decision(request: Request) -> Decision | None:
@@ -110,6 +116,13 @@ def _pinned_request_class(base: type[Request], plugin: StickySessions) -> type[R
     # Sanic's logs and reprs name the request class: keep the app's name there.
     StickyRequest.__name__ = StickyRequest.__qualname__ = base.__name__
     return StickyRequest
+
+
+async def _streamed_body(request: Request) -> AsyncIterator[bytes]:
+    """A streaming route's body, read as it arrives (Sanic has not read it)."""
+    stream: Any = request.stream
+    while (chunk := await stream.read()) is not None:
+        yield chunk
 
 
 class _AsgiWebsocketReplay(HTTPResponse):
@@ -151,6 +164,7 @@ class StickySessions:
         self._app_request_class: type[Request] | None = None
         self._request_classes: dict[type[Request], type[Request]] = {}
         self._middleware = Middleware(self._request_middleware, MiddlewareLocation.REQUEST)
+        self._network: PrivateNetwork | None = None
         if app is not None:
             self.init_app(app)
 
@@ -159,16 +173,76 @@ class StickySessions:
             raise RuntimeError(f"flysticky is already installed on Sanic app {app.name!r}")
         app.ctx.flysticky = self
         app.register_listener(self._wire, "before_server_start")
+        app.register_listener(self._start_network, "before_server_start")
+        app.register_listener(self._stop_network, "after_server_stop")
+
+    def owner(self, key: str) -> str | None:
+        """The machine that owns ``key`` now; None off Fly or while the app's machines
+        are not known (then a request with that key is served where it lands)."""
+        decider = self._decider
+        return decider.owners.owner(key) if decider is not None else None
+
+    async def _start_network(self, app: Sanic[Any, Any]) -> None:
+        network = self._network = PrivateNetwork.for_decider(self.config, self._decider)
+        if network is not None:
+            await network.start()
+
+    async def _stop_network(self, app: Sanic[Any, Any]) -> None:
+        network, self._network = self._network, None
+        if network is not None:
+            await network.stop()
 
     def _apply(
         self, request: Request, decision: Decision, is_websocket: bool
-    ) -> HTTPResponse | Decision | None:
+    ) -> HTTPResponse | Decision | object | None:
         """Store a decision that is not the implicit one; then what the wrapper does:
-        answer with the replay, stamp the handler's response, or (None) just serve."""
+        answer with the replay, stamp the handler's response, forward the request
+        (_FORWARD), or (None) just serve."""
         request.ctx.flysticky = decision
         if decision.replay is not None:
             return _replay_response(request, decision.replay, is_websocket)
+        if decision.outcome is Outcome.OFF_PIN and self._network is not None:
+            return _FORWARD if self._network.forwards else None
         return decision if decision.set_cookie is not None else None
+
+    async def _forwarded(self, request: Request, decision: Decision) -> ResponseStream | None:
+        """The request sent to its machine over the private network, that machine's
+        answer streamed back; None when it cannot be (then it is served here)."""
+        network = self._network
+        if network is None or decision.pinned_to is None:
+            return None
+        body: bytes | AsyncIterator[bytes] = request.body
+        route = request.route
+        if route is not None and hasattr(route.handler, "is_stream"):
+            body = _streamed_body(request)
+        forwarded = await network.forward(
+            decision.pinned_to,
+            request.method,
+            request.raw_url.decode("latin-1"),
+            request.headers.items(),
+            body,
+        )
+        if forwarded is None:
+            return None
+        request.ctx.flysticky = dataclasses.replace(decision, outcome=Outcome.FORWARDED)
+        answer = forwarded.body
+
+        async def relay(stream: Any) -> None:
+            async for chunk in answer:
+                await stream.write(chunk)
+
+        # A list keeps repeated headers (Set-Cookie); Sanic makes its Header of it.
+        headers: Any = forwarded.headers
+        return ResponseStream(relay, forwarded.status, headers=headers)
+
+    async def _forward_or_serve(
+        self, request: Request, decision: Decision, serve: Callable[[], Any]
+    ) -> Any:
+        response = await self._forwarded(request, decision)
+        if response is not None:
+            return response
+        served = serve()
+        return await served if isawaitable(served) else served
 
     async def _request_middleware(self, request: Request) -> HTTPResponse | None:
         decider = self._decider
@@ -183,6 +257,11 @@ class StickySessions:
         cookie = join_cookie_headers(_getall(headers, _COOKIE, None))
         decision = decider.decide(request, cookie, headers, is_websocket)
         verdict = self._apply(request, decision, is_websocket)
+        if verdict is _FORWARD:
+            # Sanic sends a ResponseStream a middleware returns, as it sends a handler's;
+            # its Middleware type names HTTPResponse only.
+            forwarded: Any = await self._forwarded(request, decision)
+            return forwarded  # type: ignore[no-any-return]
         return verdict if isinstance(verdict, HTTPResponse) else None
 
     def _hooked_verdict(self, request: Request) -> Decision | None:
@@ -217,7 +296,7 @@ class StickySessions:
             def sticky_handler(request: Request, *args: Any, **kwargs: Any) -> Any:
                 decider = plugin._decider
                 if decider is not None:
-                    verdict: HTTPResponse | Decision | None
+                    verdict: HTTPResponse | Decision | object | None
                     if info.hooked:
                         verdict = plugin._hooked_verdict(request)
                     else:
@@ -230,6 +309,10 @@ class StickySessions:
                     if verdict.__class__ is Decision:
                         return _stamped(handler(request, *args, **kwargs), verdict)
                     if verdict is not None:
+                        if verdict is _FORWARD:
+                            return plugin._forward_or_serve(
+                                request, decision, lambda: handler(request, *args, **kwargs)
+                            )
                         return verdict
                 return handler(request, *args, **kwargs)
 
@@ -238,7 +321,7 @@ class StickySessions:
             def sticky_handler(request: Request) -> Any:
                 decider = plugin._decider
                 if decider is not None:
-                    verdict: HTTPResponse | Decision | None
+                    verdict: HTTPResponse | Decision | object | None
                     if info.hooked:
                         verdict = plugin._hooked_verdict(request)
                     else:
@@ -251,6 +334,10 @@ class StickySessions:
                     if verdict.__class__ is Decision:
                         return _stamped(handler(request), verdict)
                     if verdict is not None:
+                        if verdict is _FORWARD:
+                            return plugin._forward_or_serve(
+                                request, decision, lambda: handler(request)
+                            )
                         return verdict
                 return handler(request)
 

@@ -64,12 +64,15 @@ def _pairs(headers: Headers | None) -> list[tuple[str, str]]:
 def _decision_json(decision: Any) -> dict[str, Any]:
     if decision is None:
         return {"outcome": None}
-    return {
+    shown = {
         "outcome": decision.outcome.value,
         "machine_id": decision.machine_id,
         "pinned_to": decision.pinned_to,
         "arrived_by": decision.arrived_by,
     }
+    if decision.routed_by is not None:  # a request routed by key or session id
+        shown.update(key=decision.key, routed_by=decision.routed_by)
+    return shown
 
 
 def _sanic_app(ran: list[str], hook_in_handler: bool) -> Any:
@@ -118,6 +121,13 @@ def _sanic_app(ran: list[str], hook_in_handler: bool) -> Any:
     async def cached(request: Any) -> Any:
         ran.append("handler")
         return text("x", headers={"cache-control": "public, max-age=60"})
+
+    @app.route("/rooms/<room>", methods=["GET", "POST"])
+    async def room(request: Any, room: str) -> Any:  # a route with a parameter
+        if hook_in_handler:  # else the app-wide hook ran
+            ran.append("hook")
+        ran.append("handler")
+        return sjson({**_decision_json(current_decision(request)), "bytes": len(request.body)})
 
     return app
 
@@ -172,6 +182,7 @@ class SanicFastHarness:
         "/": ("GET", "POST"),
         "/health": ("GET",),
         "/cached": ("GET",),
+        "/rooms/": ("GET", "POST"),
     }
 
     def __init__(self, config: StickyConfig | None) -> None:
@@ -210,7 +221,8 @@ class SanicFastHarness:
         raw = [(k, v.encode("latin-1")) for k, v in _pairs(headers)]
         async with LifespanClient(sanic_asgi(self._app())) as client:
             response = await client.request(method, path, headers=raw, content=body)
-        if method in self.routes.get(path, ()):  # a request that matches no route goes
+        route = "/rooms/" if path.startswith("/rooms/") and path.count("/") == 2 else path
+        if method in self.routes.get(route, ()):  # a request that matches no route goes
             # through Sanic's error path, where flysticky's middleware is the only way in
             assert self.middleware_calls == before, "flysticky's middleware ran: no fast path"
         return Reply(
@@ -225,7 +237,7 @@ class QuartHarness:
     framework = "quart"
 
     def __init__(self, config: StickyConfig | None) -> None:
-        from quart import Blueprint, Quart, jsonify
+        from quart import Blueprint, Quart, jsonify, request
 
         from flysticky.quart import StickySessions, current_decision
 
@@ -252,6 +264,12 @@ class QuartHarness:
             self.ran.append("handler")
             return "x", 200, {"cache-control": "public, max-age=60"}
 
+        @app.route("/rooms/<room>", methods=["GET", "POST"])
+        async def room(room: str) -> Any:
+            self.ran.append("handler")
+            body = await request.get_data()
+            return jsonify({**_decision_json(current_decision()), "bytes": len(body)})
+
         blueprint = Blueprint("bp", __name__)
 
         @blueprint.before_request
@@ -265,7 +283,7 @@ class QuartHarness:
 
         app.register_blueprint(blueprint)
         StickySessions(app, config)
-        self.client = app.test_client(use_cookies=False)  # each request says its cookies
+        self.app = app
 
     async def request(
         self,
@@ -281,11 +299,17 @@ class QuartHarness:
         if body is not None and "content-length" not in sent:
             # Quart's test client sends no Content-Length; every real HTTP/1.1 client does.
             sent["content-length"] = str(len(body))
-        response = await self.client.open(path, method=method, headers=sent, data=body)
+        # Started and stopped around each request, as a server would (before_serving
+        # starts flysticky's discovery); each request says its own cookies.
+        async with self.app.test_app() as started:
+            client = started.test_client()
+            client.cookie_jar = None
+            response = await client.open(path, method=method, headers=sent, data=body)
+            data = await response.get_data()
         return Reply(
             response.status_code,
             list(response.headers.items()),
-            await response.get_data(),
+            data,
             list(self.ran),
         )
 

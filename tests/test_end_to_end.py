@@ -139,8 +139,10 @@ async def test_websocket_from_a_pinned_session_lands_on_its_machine(framework: s
             await asyncio.gather(*(client.close() for client, _ in pins))
 
 
-async def test_two_mib_post_from_a_pinned_session_succeeds(framework: str) -> None:
-    async with running(SERVE, env=fleet_env(framework)) as (emulator, _):
+@pytest.mark.parametrize("forward", [True, False])
+async def test_two_mib_post_from_a_pinned_session_succeeds(framework: str, forward: bool) -> None:
+    env = {**fleet_env(framework), "STICKY_FORWARD": "1" if forward else "0"}
+    async with running(SERVE, env=env) as (emulator, _):
         pins = await pinned_sessions(emulator.url, 6)
         try:
             outcomes = Counter()
@@ -150,12 +152,17 @@ async def test_two_mib_post_from_a_pinned_session_succeeds(framework: str) -> No
                         assert response.status == 200
                         body = await response.json()
                     assert body["bytes"] == 2 * 1024 * 1024
+                    if body["forwarded_from"] is not None:
+                        outcomes["forwarded"] += 1
                     outcomes[body["outcome"]] += 1
                     if body["outcome"] == "off_pin":
                         assert body["machine"] != machine
                     else:
                         assert (body["outcome"], body["machine"]) == ("pinned", machine)
-            assert outcomes["off_pin"] > 0  # some landed elsewhere and were served there
+            if forward:  # those that landed elsewhere went home over the private network
+                assert outcomes["forwarded"] > 0 and outcomes["off_pin"] == 0
+            else:  # some landed elsewhere and were served there
+                assert outcomes["off_pin"] > 0 and outcomes["forwarded"] == 0
             assert emulator.stats.proxy_errors == 0
         finally:
             await asyncio.gather(*(client.close() for client, _ in pins))

@@ -292,3 +292,39 @@ def test_config_checks_the_new_fields() -> None:
             StickyConfig(forward_port=port)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="key='room'"):
         StickyConfig(key="room")  # type: ignore[arg-type]
+
+
+def test_two_machines_that_disagree_on_the_owners_never_bounce_a_request() -> None:
+    # Rendezvous scores are the same everywhere, so A cannot think B owns a key while B
+    # thinks A does; but A, not yet seeing THIRD, can send a key to OTHER, which knows
+    # THIRD now owns it. The replayed request is served at OTHER, not sent on.
+    here = decider([HERE, OTHER])
+    other = Decider(StickyConfig(key=room_of), OTHER)
+    other.owners.update([HERE, OTHER, THIRD])
+    room = next(
+        k
+        for k in (f"r{n}" for n in range(10_000))
+        if here.owners.owner(k) == OTHER and other.owners.owner(k) == THIRD
+    )
+    first = decide(here, f"/rooms/{room}")
+    assert first.replay == f"prefer_instance={OTHER};state=flysticky-key"
+    # Fly's proxy replays it to OTHER with fly-replay-src: OTHER serves it.
+    replayed = decide(other, f"/rooms/{room}", {"fly-replay-src": f"instance={HERE};t=1"})
+    assert (replayed.outcome, replayed.replay) == (Outcome.UNOWNED, None)
+    assert replayed.pinned_to == THIRD
+    # Without the arrival header OTHER would have replayed it again.
+    assert decide(other, f"/rooms/{room}").replay == f"prefer_instance={THIRD};state=flysticky-key"
+
+
+def test_routed_decisions_are_shared_and_their_tables_bounded() -> None:
+    made = decider(MEMBERS)
+    room = key_owned_by(HERE, MEMBERS)
+    assert decide(made, f"/rooms/{room}") is decide(made, f"/rooms/{room}")
+    for n in range(10_000):
+        decide(made, f"/rooms/k{n}")
+    assert len(made._routed) <= 4096
+    assert len(made.owners._cache) <= 4096
+    huge = "x" * 100_000  # scored by its digest, and kept nowhere
+    assert decide(made, f"/rooms/{huge}").key == huge
+    assert all(len(key or "") <= 256 for _, _, key, _ in made._routed)
+    assert all(len(key) <= 256 for key in made.owners._cache)

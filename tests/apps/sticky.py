@@ -1,7 +1,9 @@
 """The app the end-to-end tests run on each machine; framework and mode come from the env.
 
 STICKY_FRAMEWORK=sanic|quart, STICKY_MODE=prefer_instance|instance, STICKY_APP_HOOK=1
-adds an app request hook (Sanic).
+adds an app request hook (Sanic). Rooms (``/rooms/<room>``) are routed by key and
+``mcp-session-id`` by session id; discovery refreshes every STICKY_REFRESH seconds;
+STICKY_FORWARD=0 serves big bodies where they land instead of forwarding them.
 """
 
 from __future__ import annotations
@@ -9,12 +11,23 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from flysticky import StickyConfig
+from flysticky import StickyConfig, new_session_id
 
 MACHINE = os.environ["FLY_MACHINE_ID"]
+
+
+def room_key(request: Any) -> str | None:
+    parts = request.path.split("/")
+    return parts[2] if len(parts) > 2 and parts[1] == "rooms" else None
+
+
 CONFIG = StickyConfig(
     replay_mode=os.environ.get("STICKY_MODE", "prefer_instance"),  # type: ignore[arg-type]
     skipper=lambda request: request.path == "/health",
+    key=room_key,
+    session_header="mcp-session-id",
+    refresh_seconds=float(os.environ.get("STICKY_REFRESH", "5")),
+    forward_large_bodies=os.environ.get("STICKY_FORWARD", "1") == "1",
 )
 
 
@@ -23,8 +36,12 @@ def whoami(decision: Any, header: Any) -> dict[str, Any]:
         "machine": MACHINE,
         "outcome": decision.outcome.value if decision else None,
         "arrived_by": decision.arrived_by if decision else None,
+        "pinned_to": decision.pinned_to if decision else None,
+        "routed_by": decision.routed_by if decision else None,
+        "key": decision.key if decision else None,
         "cache": header("fly-replay-cache-status"),
         "replay_src": header("fly-replay-src"),
+        "forwarded_from": header("flysticky-forwarded-from"),
     }
 
 
@@ -36,7 +53,7 @@ if os.environ["STICKY_FRAMEWORK"] == "sanic":
 
     app = Sanic("sticky_e2e")
     app.config.REQUEST_MAX_SIZE = 16 * 1024 * 1024
-    StickySessions(app, CONFIG)
+    sticky = StickySessions(app, CONFIG)
 
     if os.environ.get("STICKY_APP_HOOK"):
         # An app request hook puts flysticky's decision in a request middleware
@@ -60,6 +77,22 @@ if os.environ["STICKY_FRAMEWORK"] == "sanic":
         while True:  # ws.recv(): under ASGI Sanic's websocket is not async-iterable
             await ws.send(f"{MACHINE}:{await ws.recv()}")
 
+    @app.route("/rooms/<room>", methods=["GET", "POST"])
+    async def sanic_room(request: Request, room: str) -> Any:
+        body = whoami(current_decision(request), request.headers.get)
+        return json({**body, "owner": sticky.owner(room), "bytes": len(request.body)})
+
+    @app.websocket("/rooms/<room>/ws")
+    async def sanic_room_ws(request: Request, ws: Websocket, room: str) -> None:
+        await ws.send(MACHINE)
+        await ws.recv()
+
+    @app.post("/mcp")
+    async def sanic_mcp(request: Request) -> Any:
+        body = whoami(current_decision(request), request.headers.get)
+        session = request.headers.get("mcp-session-id") or new_session_id()
+        return json(body, headers={"mcp-session-id": session})
+
 else:
     from quart import Quart, jsonify, request, websocket
 
@@ -68,7 +101,7 @@ else:
 
     app = Quart("sticky_e2e")
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
-    QuartSticky(app, CONFIG)
+    quart_sticky = QuartSticky(app, CONFIG)
 
     @app.get("/whoami")
     async def quart_whoami() -> Any:
@@ -84,3 +117,20 @@ else:
         await websocket.send(MACHINE)
         while True:
             await websocket.send(f"{MACHINE}:{await websocket.receive()}")
+
+    @app.route("/rooms/<room>", methods=["GET", "POST"])
+    async def quart_room(room: str) -> Any:
+        data = await request.get_data()
+        body = whoami(quart_decision(), request.headers.get)
+        return jsonify({**body, "owner": quart_sticky.owner(room), "bytes": len(data)})
+
+    @app.websocket("/rooms/<room>/ws")
+    async def quart_room_ws(room: str) -> None:
+        await websocket.send(MACHINE)
+        await websocket.receive()
+
+    @app.post("/mcp")
+    async def quart_mcp() -> Any:
+        body = whoami(quart_decision(), request.headers.get)
+        session = request.headers.get("mcp-session-id") or new_session_id()
+        return jsonify(body), 200, {"mcp-session-id": session}
