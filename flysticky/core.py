@@ -47,6 +47,11 @@ ARRIVAL_HEADERS = (  # failover signals first: they say the most about why
     "fly-replay-cache-status",
     FORWARDED_HEADER,
 )
+#: The arrival headers that stop a request routed by key or session id. A replay-cache
+#: hit does not: key replays are never cached, so a hit on such a request came from
+#: another rule (the visitor cookie's, at "/"), which knows nothing of the key's owner.
+#: Replaying it once is safe: the owner sees fly-replay-src.
+ROUTED_ARRIVAL_HEADERS = tuple(h for h in ARRIVAL_HEADERS if h != "fly-replay-cache-status")
 
 
 class HeaderLookup(Protocol):
@@ -456,7 +461,7 @@ class Decider:
             return self._routed.get((owner, routed_by, key, True)) or self._remember(
                 Decision(Outcome.PINNED, machine_id, owner, routed_by=routed_by, key=key), True
             )
-        for name in ARRIVAL_HEADERS:
+        for name in ROUTED_ARRIVAL_HEADERS:
             if name in headers:
                 # The machines disagree on the owner for a moment (one just joined or
                 # left), or the owner is gone: serve, never bounce the request back.

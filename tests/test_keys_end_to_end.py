@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from .emulator_fixtures import running
-from .test_end_to_end import SERVE, fleet_env, session
+from .test_end_to_end import CACHE, SERVE, fleet_env, session
 
 pytestmark = pytest.mark.parametrize("framework", ["sanic", "quart"])
 ROOMS = [f"room-{n}" for n in range(12)]
@@ -40,7 +40,9 @@ async def owners_seen(url: str, users: int = 8, settled: bool = True) -> dict[st
     served: dict[str, set[str]] = {name: set() for name in ROOMS}
     for _ in range(users):
         async with session(url) as client:
-            await client.get("/whoami")  # a visitor cookie pinning it somewhere
+            for _ in range(4):  # a visitor cookie pinning it somewhere, and (with the
+                # replay cache on) an entry sending its later requests straight there
+                await client.get("/whoami")
             for name in ROOMS:
                 body = await room(client, name)
                 served[name].add(body["machine"])
@@ -52,8 +54,11 @@ async def owners_seen(url: str, users: int = 8, settled: bool = True) -> dict[st
 
 
 async def test_every_user_of_a_room_lands_on_its_owner(framework: str) -> None:
-    async with running(SERVE, env=keys_env(framework)) as (emulator, _):
+    # The template's replay cache, keyed on the visitor cookie at "/", sends a visitor's
+    # room requests to the visitor's machine too: the room still reaches its owner.
+    async with running(SERVE, env=keys_env(framework), cache_rules=CACHE) as (emulator, _):
         served = await owners_seen(emulator.url)
+        assert sum(m.counters.cache_hits for m in emulator.fleet.machines) > 0
         assert all(len(machines) == 1 for machines in served.values()), served
         owners = Counter(next(iter(m)) for m in served.values())
         assert len(owners) > 1  # twelve rooms spread over the three machines

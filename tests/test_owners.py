@@ -17,7 +17,7 @@ from flysticky import (
     new_session_id,
     session_machine,
 )
-from flysticky.core import ARRIVAL_HEADERS, HeaderTable
+from flysticky.core import ROUTED_ARRIVAL_HEADERS, HeaderTable
 from flysticky.owners import Owners
 
 HERE = "90801679a10038"
@@ -177,7 +177,7 @@ def test_a_key_owned_elsewhere_is_replayed_there_uncached() -> None:
     assert strict.replay == f"instance={OTHER};state=flysticky-key"
 
 
-@pytest.mark.parametrize("arrival", ARRIVAL_HEADERS)
+@pytest.mark.parametrize("arrival", ROUTED_ARRIVAL_HEADERS)
 def test_a_key_request_that_arrived_by_replay_is_served_not_bounced(arrival: str) -> None:
     # Two machines that disagree for a moment on the owners: the second one serves.
     room = key_owned_by(OTHER, MEMBERS)
@@ -185,6 +185,19 @@ def test_a_key_request_that_arrived_by_replay_is_served_not_bounced(arrival: str
     assert decision.outcome is Outcome.UNOWNED
     assert decision.replay is None
     assert (decision.arrived_by, decision.pinned_to) == (arrival, OTHER)
+
+
+def test_a_replay_cache_hit_on_a_key_request_is_replayed_to_the_owner() -> None:
+    # The visitor cookie's cache entry at "/" sent a room request to the visitor's machine;
+    # the room's owner is elsewhere. Key replays are never cached, so the hit is the
+    # cookie's: replay it once (the owner then sees fly-replay-src and serves).
+    room = key_owned_by(OTHER, MEMBERS)
+    hit = {"fly-replay-cache-status": "hit", "cookie": f"fly-machine-id={HERE}"}
+    decision = decide(decider(MEMBERS), f"/rooms/{room}", hit)
+    assert decision.replay == f"prefer_instance={OTHER};state=flysticky-key"
+    # The cookie path still takes a hit as an arrival.
+    cookie_hit = {"fly-replay-cache-status": "hit", "cookie": f"fly-machine-id={OTHER}"}
+    assert decide(decider(MEMBERS), "/", cookie_hit).outcome is Outcome.REPINNED
 
 
 def test_a_key_request_with_a_body_fly_cannot_replay_goes_off_pin() -> None:
