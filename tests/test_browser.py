@@ -144,3 +144,94 @@ def test_demo_page_sticks_then_heals(browser: object, demo: tuple[str, str]) -> 
         page.screenshot(path=str(ARTIFACTS / f"demo-{framework}-healed.png"), full_page=True)
     finally:
         page.close()
+
+
+# --- Rooms: two browsers, one room, one machine --------------------------------------------
+
+
+def room_view(page: object) -> dict[str, str]:
+    """What a page's room panel shows: state, serving machine, whether it owns the room,
+    and flysticky's decision on the room's websocket there."""
+    return page.evaluate(  # type: ignore[attr-defined,no-any-return]
+        """() => ({
+            state: document.getElementById('room-state').textContent,
+            machine: document.getElementById('room-machine').dataset.machine || '',
+            owner: document.getElementById('room-owner').dataset.owner || '',
+            outcome: document.getElementById('room-machine').dataset.outcome || '',
+        })"""
+    )
+
+
+def settle_in_room(pages: list[object], not_on: str | None = None, timeout: float = 60) -> str:
+    """Wait until every page is connected to the same machine, which says it owns the
+    room (and is not ``not_on``), for two looks in a row more than a rebalance apart;
+    returns that machine."""
+    deadline = time.monotonic() + timeout
+    settled = None
+    while True:
+        views = [room_view(page) for page in pages]
+        machines = {view["machine"] for view in views}
+        ok = (
+            all(view["state"] == "connected" and view["owner"] == "yes" for view in views)
+            and len(machines) == 1
+            and not_on not in machines
+        )
+        if ok and settled == machines:
+            (machine,) = machines
+            return machine
+        settled = machines if ok else None
+        assert time.monotonic() < deadline, f"the pages did not settle in one room: {views}"
+        time.sleep(1.5)
+
+
+def say_and_hear(speaker: object, listener: object, text: str) -> None:
+    speaker.fill("#room-text", text)  # type: ignore[attr-defined]
+    speaker.click("#room-send button")  # type: ignore[attr-defined]
+    for page in (speaker, listener):
+        page.wait_for_function(  # type: ignore[attr-defined]
+            """text => [...document.querySelectorAll('#room-messages li')]
+                .some(item => item.lastChild.textContent === text)""",
+            arg=text,
+            timeout=10000,
+        )
+
+
+def test_two_browsers_share_a_room_and_follow_it_to_its_new_owner(
+    browser: object, demo: tuple[str, str]
+) -> None:
+    url, framework = demo
+    machines = [str(m["id"]) for m in admin(url, "/machines")]
+    room = f"browsers-{framework}"
+    # Two visitors pinned to two different machines: the room, not the pin, decides.
+    contexts = [browser.new_context() for _ in range(2)]  # type: ignore[attr-defined]
+    for context, pin in zip(contexts, machines, strict=False):
+        context.add_cookies([{"name": "fly-machine-id", "value": pin, "url": url}])
+    pages = [context.new_page() for context in contexts]
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        for page in pages:
+            page.goto(url + "/")
+            page.fill("#room-name", "Not A Room")
+            page.click("#room-join button")
+            assert "lowercase letters" in (page.text_content("#room-problem") or "")
+            page.fill("#room-name", room)
+            page.click("#room-join button")
+        assert {page.text_content("#machine") for page in pages} == set(machines[:2])
+        owner = settle_in_room(pages)
+        say_and_hear(pages[0], pages[1], "<b>hello</b> from the first browser")
+        say_and_hear(pages[1], pages[0], "and back from the second")
+        assert pages[1].locator("#room-messages b").count() == 0  # text, never markup
+        pages[0].screenshot(path=str(ARTIFACTS / f"demo-{framework}-room.png"), full_page=True)
+
+        # The owner is destroyed: the room moves to ONE new owner, and both pages follow.
+        admin(url, f"/machines/{owner}/destroy", method="POST")
+        new_owner = settle_in_room(pages, not_on=owner)
+        assert new_owner in machines
+        say_and_hear(pages[1], pages[0], "still together after the move")
+        say_and_hear(pages[0], pages[1], "yes, on " + new_owner)
+        pages[1].screenshot(
+            path=str(ARTIFACTS / f"demo-{framework}-room-moved.png"), full_page=True
+        )
+    finally:
+        for context in contexts:
+            context.close()

@@ -17,6 +17,7 @@ import sys
 import tarfile
 import time
 import tomllib
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -234,14 +235,18 @@ def free_port() -> int:
 
 
 def start_as_dockerfile_says(
-    directory: Path, dockerfile: Path, python: Path, port: int
+    directory: Path, dockerfile: Path, python: Path, port: int, host: str | None = "127.0.0.1"
 ) -> subprocess.Popen[bytes]:
     cmd = re.search(r"^CMD (\[.*\])$", dockerfile.read_text(), re.M)
     assert cmd, "the Dockerfile needs an exec-form CMD"
     argv = json.loads(cmd.group(1))
     assert argv[0] == "python"
-    # HOST keeps the test on loopback; the image listens on 0.0.0.0.
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "FLY_MACHINE_ID": MACHINE_ID}
+    # HOST keeps the test on loopback; the image (no HOST) listens on every IPv4 and IPv6
+    # address.
+    env = {k: v for k, v in os.environ.items() if k != "HOST"}
+    env.update({"PORT": str(port), "FLY_MACHINE_ID": MACHINE_ID})
+    if host is not None:
+        env["HOST"] = host
     return subprocess.Popen(
         [str(python), *argv[1:]],
         cwd=directory,
@@ -263,9 +268,35 @@ def fetch(url: str, deadline: float) -> tuple[int, str, Any]:
             time.sleep(0.2)
 
 
+def check_rooms(port: int) -> None:
+    """Two websockets in a room see each other's messages; bad names are refused."""
+    base = f"127.0.0.1:{port}/rooms"
+    status, body, _ = fetch(f"http://{base}/lobby", time.monotonic() + 10)
+    assert status == 200 and json.loads(body)["room"] == "lobby"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://{base}/No%3Cb%3E", timeout=5)
+    assert refused.value.code == 400 and b"lowercase" in refused.value.read()
+    with (
+        connect(f"ws://{base}/lobby/ws", open_timeout=10) as first,
+        connect(f"ws://{base}/lobby/ws", open_timeout=10) as second,
+    ):
+        hello = json.loads(first.recv(timeout=10))
+        assert hello["type"] == "joined" and hello["machine"] == MACHINE_ID
+        assert json.loads(second.recv(timeout=10))["type"] == "joined"
+        first.send("hello <b>room</b>")
+        for ws in (first, second):
+            message = json.loads(ws.recv(timeout=10))
+            assert message["text"] == "hello <b>room</b>" and message["from"] == hello["you"]
+    with connect(f"ws://{base}/Bad_Name/ws", open_timeout=10) as bad:
+        assert "lowercase" in json.loads(bad.recv(timeout=10))["error"]
+        with pytest.raises(ConnectionClosed) as closed:
+            bad.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
 def serve_and_check(directory: Path, dockerfile: Path, python: Path) -> None:
-    """/ stamped and /health answered; then Fly's kill_signal with a websocket open: the
-    websocket is closed cleanly and the process exits within kill_timeout."""
+    """/ stamped and /health answered, the rooms; then Fly's kill_signal with websockets
+    open: they are closed cleanly and the process exits within kill_timeout."""
     config = tomllib.loads(directory.joinpath("fly.toml").read_text())
     assert config["env"]["PORT"] == str(config["http_service"]["internal_port"])
     cookie = config["http_service"]["http_options"]["replay_cache"][0]["name"]
@@ -280,14 +311,20 @@ def serve_and_check(directory: Path, dockerfile: Path, python: Path) -> None:
         assert MACHINE_ID in body and "Visits this session" in body
         assert any(c.startswith(f"{cookie}={MACHINE_ID};") for c in headers.get_all("set-cookie"))
         assert fetch(f"http://127.0.0.1:{port}/health", deadline)[1] == "ok"
-        with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as ws:
+        check_rooms(port)
+        with (
+            connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as ws,
+            connect(f"ws://127.0.0.1:{port}/rooms/lobby/ws", open_timeout=10) as room,
+        ):
             assert MACHINE_ID in str(ws.recv(timeout=10))
+            assert MACHINE_ID in str(room.recv(timeout=10))
             sent = time.monotonic()
             process.send_signal(getattr(signal, config["kill_signal"]))
-            with pytest.raises(ConnectionClosed) as closed:
-                ws.recv(timeout=kill_timeout)
-            # 1000 (Sanic) or 1001 (going away): the page's script reconnects either way.
-            assert closed.value.rcvd is not None and closed.value.rcvd.code in (1000, 1001)
+            for each in (ws, room):
+                with pytest.raises(ConnectionClosed) as closed:
+                    each.recv(timeout=kill_timeout)
+                # 1000 (Sanic) or 1001 (going away): the page's script reconnects either way.
+                assert closed.value.rcvd is not None and closed.value.rcvd.code in (1000, 1001)
         assert process.wait(timeout=kill_timeout - (time.monotonic() - sent)) == 0
     finally:
         if process.poll() is None:
@@ -297,6 +334,28 @@ def serve_and_check(directory: Path, dockerfile: Path, python: Path) -> None:
 
 def test_dockerfile_start_command_serves_the_page(project: Path) -> None:
     serve_and_check(project, project / "Dockerfile", Path(sys.executable))
+
+
+@pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="this host has no IPv6")
+def test_without_host_the_app_listens_on_ipv4_and_ipv6(project: Path) -> None:
+    """Fly's private network is IPv6 only: with no HOST (as in the image) one dual-stack
+    socket takes both."""
+    port = free_port()
+    process = start_as_dockerfile_says(
+        project, project / "Dockerfile", Path(sys.executable), port, host=None
+    )
+    try:
+        deadline = time.monotonic() + 30
+        for url in (f"http://127.0.0.1:{port}/health", f"http://[::1]:{port}/health"):
+            assert fetch(url, deadline)[1] == "ok"
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=10)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def demo_answers(dockerfile: Path) -> dict[str, str]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
+from collections.abc import Awaitable, Callable
 
 from flysticky import StickyConfig
 from flysticky.quart import StickySessions, current_decision
@@ -14,14 +14,20 @@ import page
 
 app = Quart(__name__)
 app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
-StickySessions(
+sticky = StickySessions(
     app,
     StickyConfig(
         cookie_name={{ cookiecutter.cookie_name | tojson }},
         skipper=lambda request: request.path == "/health",
+        # Requests under /rooms/<room>/ go to the machine that owns the room.
+        key=page.room_key,
+        # Every deployed machine owns rooms, suspended ones too (fly.toml suspends idle
+        # machines): a suspended owner keeps its rooms in memory, and a replay resumes it.
+        owners="all",
     ),
 )
 visits = page.Visits()
+rooms = page.Rooms()
 # Seconds a stopping server gives requests in flight: well within fly.toml's kill_timeout.
 GRACE = 5
 
@@ -41,6 +47,20 @@ class OpenSockets:
             task.cancel()
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=GRACE)
+
+    async def run(self, handler: Callable[[], Awaitable[None]]) -> None:
+        """Run a websocket handler, closing its socket with 1001 if the server stops."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            await handler()
+        except asyncio.CancelledError:
+            if self.closing:
+                await websocket.close(1001, "server stopping")
+            raise
+        finally:
+            self.tasks.discard(task)
 
 
 sockets = OpenSockets()
@@ -86,19 +106,45 @@ async def upload() -> Response:
 
 @app.websocket("/ws")
 async def feed() -> None:
-    task = asyncio.current_task()
-    assert task is not None
-    sockets.tasks.add(task)
-    try:
+    async def echo() -> None:
         await websocket.send(page.hello())
         while True:
             await websocket.send(page.pong(await websocket.receive()))
-    except asyncio.CancelledError:
-        if sockets.closing:
-            await websocket.close(1001, "server stopping")
-        raise
-    finally:
-        sockets.tasks.discard(task)
+
+    await sockets.run(echo)
+
+
+@app.get("/rooms/<room>")
+async def room_info(room: str) -> tuple[Response, int]:
+    # The room as the key function read it from the path: the one flysticky routed by.
+    name = page.room_of(request.path)
+    status, body = page.room_info(rooms, name, sticky.owner, current_decision())
+    return jsonify(body), status
+
+
+@app.websocket("/rooms/<room>/ws")
+async def room_socket(room: str) -> None:
+    await sockets.run(
+        lambda: page.room_socket(
+            rooms,
+            page.room_of(websocket.path),
+            sticky.owner,
+            current_decision(),
+            websocket.send,
+            websocket.receive,
+            websocket.close,
+        )
+    )
+
+
+@app.before_serving
+async def watch_rooms() -> None:
+    rooms.start_rebalancing(sticky.owner)
+
+
+@app.after_serving
+async def stop_watching_rooms() -> None:
+    await rooms.stop_rebalancing()
 
 
 async def until_stopped() -> None:
@@ -116,9 +162,11 @@ if __name__ == "__main__":
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    # Hypercorn, one process: the visit counts live in this machine's memory.
+    # Hypercorn, one process: the visit counts and the rooms live in this machine's memory.
     config = Config()
-    config.bind = [f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8080')}"]
+    # Hypercorn takes the socket by its file descriptor; detach() hands it over.
+    config.bind = [f"fd://{page.listening_socket().detach()}"]
+    config.websocket_max_message_size = page.WEBSOCKET_MAX_BYTES
     config.accesslog = None
     config.graceful_timeout = GRACE
     asyncio.run(serve(app, config, shutdown_trigger=until_stopped))  # type: ignore[arg-type]

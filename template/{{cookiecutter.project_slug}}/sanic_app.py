@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from flysticky import StickyConfig
 from flysticky.sanic import StickySessions, current_decision
 from sanic import Request, Sanic, Websocket, html, json, text
@@ -13,17 +11,24 @@ import page
 
 app = Sanic({{ cookiecutter.project_slug | tojson }})
 app.config.REQUEST_MAX_SIZE = 16 * 1024 * 1024
+app.config.WEBSOCKET_MAX_SIZE = page.WEBSOCKET_MAX_BYTES
 # On SIGINT (fly.toml's kill_signal) Sanic closes open websockets with 1000, so pages
 # reconnect, and gives requests in flight this long: well within fly.toml's kill_timeout.
 app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 5
-StickySessions(
+sticky = StickySessions(
     app,
     StickyConfig(
         cookie_name={{ cookiecutter.cookie_name | tojson }},
         skipper=lambda request: request.path == "/health",
+        # Requests under /rooms/<room>/ go to the machine that owns the room.
+        key=page.room_key,
+        # Every deployed machine owns rooms, suspended ones too (fly.toml suspends idle
+        # machines): a suspended owner keeps its rooms in memory, and a replay resumes it.
+        owners="all",
     ),
 )
 visits = page.Visits()
+rooms = page.Rooms()
 
 
 def visit(request: Request) -> tuple[dict[str, object], str | None]:
@@ -72,11 +77,41 @@ async def feed(request: Request, ws: Websocket) -> None:
         await ws.send(page.pong(message))
 
 
+@app.get("/rooms/<room>")
+async def room_info(request: Request, room: str) -> HTTPResponse:
+    # The room as the key function read it from the path: the one flysticky routed by.
+    name = page.room_of(request.path)
+    status, body = page.room_info(rooms, name, sticky.owner, current_decision(request))
+    return json(body, status=status)
+
+
+@app.websocket("/rooms/<room>/ws")
+async def room_socket(request: Request, ws: Websocket, room: str) -> None:
+    await page.room_socket(
+        rooms,
+        page.room_of(request.path),
+        sticky.owner,
+        current_decision(request),
+        ws.send,
+        ws.recv,
+        ws.close,
+    )
+
+
+@app.after_server_start
+async def watch_rooms(app: Sanic) -> None:
+    rooms.start_rebalancing(sticky.owner)
+
+
+@app.before_server_stop
+async def stop_watching_rooms(app: Sanic) -> None:
+    await rooms.stop_rebalancing()
+
+
 if __name__ == "__main__":
-    # One process: the visit counts live in this machine's memory.
+    # One process: the visit counts and the rooms live in this machine's memory.
     app.run(
-        host=os.environ.get("HOST", "0.0.0.0"),
-        port=int(os.environ.get("PORT", "8080")),
+        sock=page.listening_socket(),
         single_process=True,
         access_log=False,
         motd=False,
