@@ -1,19 +1,26 @@
 """What flysticky costs, against the same app without it, in one interleaved run.
 
     python -m bench            # full run (about 10 minutes on 2 cores)
-    python -m bench --smoke    # seconds: checks that everything runs; figures mean nothing
+    python -m bench --smoke    # seconds: checks that everything runs; figures meaningless
+    python -m bench --only moves rooms   # the core decision and the parts named
 
 Servers run pinned to core 0 and wrk to core 1. Each round measures the bare app and
 the app with flysticky back to back (alternating which goes first), for each path;
-medians over rounds are reported. Results are printed and written to bench/results/.
+medians over rounds are reported. Then the core decision alone (the cookie path and
+the key path), the proxy hops per session through the emulator, the keys that move
+when a machine joins a fleet, and rooms (key routes) through the emulator. Results are
+printed and written to bench/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import os
 import platform
+import random
 import re
 import shutil
 import statistics
@@ -30,18 +37,32 @@ from pathlib import Path
 import aiohttp
 
 from flysticky import Decider, StickyConfig
+from flysticky.owners import Owners
 from flysticky.proxy import flytoml
 from flysticky.proxy.emulator import Emulator
-from flysticky.proxy.machines import Fleet, Machine
+from flysticky.proxy.machines import Counters, Fleet, Machine
+
+from .keys import ROOMS_PREFIX, room_key
 
 ROOT = Path(__file__).parent.parent
+MACHINE = "90801679a10038"
 OTHER = "148ed193b04d89"
+#: The fleet of the key rows: three machines, ids as Fly makes them (14 lowercase hex).
+MEMBERS = (MACHINE, OTHER, "d8dd9e0c5e3e48")
+#: Optional parts of the run, by the word --only takes; the core decision always runs.
+SECTIONS = {
+    "hops": "proxy hops per session (cookie path)",
+    "moves": "keys that move when a machine joins",
+    "rooms": "rooms through the emulator (key path)",
+}
 SERVE = [sys.executable, "-m", "flysticky.proxy.serve", "bench.apps:app"]
 UVICORN = [
     sys.executable,
     "-m",
     "uvicorn",
     "bench.apps:app",
+    "--host",
+    "{host}",
     "--port",
     "{port}",
     "--log-level",
@@ -87,7 +108,7 @@ def _micros(text: str) -> float:
     return value * {"us": 1, "ms": 1000, "s": 1e6}[unit]
 
 
-def wrk(port: int, cookie: str | None, seconds: float, connections: int) -> Sample:
+def wrk(machine: Machine, cookie: str | None, seconds: float, connections: int) -> Sample:
     command = [
         "taskset",
         "-c",
@@ -101,7 +122,12 @@ def wrk(port: int, cookie: str | None, seconds: float, connections: int) -> Samp
     if cookie:
         command += ["-H", f"Cookie: {cookie}"]
     out = subprocess.run(
-        [*command, f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True
+        # The machine's own address: with the emulator's private network, each machine
+        # listens on a loopback address of its own (127.0.0.2, ...), not on 127.0.0.1.
+        [*command, f"http://{machine.host}:{machine.port}/"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _micros(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
@@ -142,7 +168,7 @@ async def server_figures(
             twin_fleet, twin = await start(framework, command, sticky=False)
             try:
                 for machine in (bare, sticky, twin):  # warm up
-                    wrk(machine.port, cookie_for("pinned", sticky.id), 1, connections)
+                    wrk(machine, cookie_for("pinned", sticky.id), 1, connections)
                 for path in PATHS:
                     series = results.setdefault(
                         (name, path), {"bare": Series(), "sticky": Series(), "twin": Series()}
@@ -153,9 +179,7 @@ async def server_figures(
                     if path == "pinned":
                         order.append(("twin", twin))
                     for label, machine in order if round_ % 2 == 0 else order[::-1]:
-                        series[label].samples.append(
-                            wrk(machine.port, cookie, seconds, connections)
-                        )
+                        series[label].samples.append(wrk(machine, cookie, seconds, connections))
             finally:
                 for fleet in (bare_fleet, sticky_fleet, twin_fleet):
                     await fleet.close()
@@ -163,20 +187,70 @@ async def server_figures(
     return results
 
 
+@dataclass(frozen=True, slots=True)
+class TinyRequest:
+    """What the key function reads of a request: its path."""
+
+    path: str
+
+
+def _first_room(owners: Owners, here: bool) -> str:
+    """The first "room-<i>" owned by this machine (here) or by another."""
+    for i in itertools.count():
+        room = f"room-{i}"
+        if (owners.owner(room) == owners.machine_id) == here:
+            return room
+    raise AssertionError("unreachable")
+
+
 def core_figures(number: int) -> dict[str, float]:
     """ns per decision. Each call gets a freshly built Cookie header, as a server hands
-    over a new string per request (its hash is not cached); building it is subtracted."""
-    machine = "90801679a10038"
+    over a new string per request (its hash is not cached); building it is subtracted.
+
+    The key rows route by ``StickyConfig(key=room_key)`` over MEMBERS, timed the same way
+    with the same Cookie header as the cookie path's pinned row: the key function slices a
+    fresh key out of the path on every call, as it would out of a server's new string."""
+    machine = MACHINE
     decider = Decider(StickyConfig(), machine)
-    cases = {
-        "pinned": (f"fly-machine-id={machine}", {}),
-        "replay": (f"fly-machine-id={OTHER}", {}),
-        "first visit": ("lang=en", {}),
+    keyed = Decider(StickyConfig(key=room_key), machine)
+    keyed.owners.update(MEMBERS)
+    scratch = Owners(machine)
+    scratch.update(MEMBERS)
+    here, elsewhere = _first_room(scratch, True), _first_room(scratch, False)
+    # More keys than Owners remembers (4096), each owned here, taken in turn: every
+    # lookup misses and scores the key against every machine.
+    cold = []
+    for i in itertools.count():
+        if len(cold) == 10_000:
+            break
+        if scratch.owner(f"cold-{i}") == machine:
+            cold.append(TinyRequest(f"{ROOMS_PREFIX}cold-{i}"))
+    cold_requests = itertools.cycle(cold)
+    pinned_tail = f"fly-machine-id={machine}"
+    # name: (decider, request, cookie tail, headers)
+    cases: dict[str, tuple[Decider, TinyRequest | None, str, dict[str, str]]] = {
+        "pinned": (decider, None, pinned_tail, {}),
+        "replay": (decider, None, f"fly-machine-id={OTHER}", {}),
+        "first visit": (decider, None, "lang=en", {}),
         "re-pin after failover": (
+            decider,
+            None,
             f"fly-machine-id={OTHER}",
             {"fly-preferred-instance-unavailable": OTHER},
         ),
-        "hostile cookie": (f"fly-machine-id=abc;app=x{'%' * 100}", {}),
+        "hostile cookie": (decider, None, f"fly-machine-id=abc;app=x{'%' * 100}", {}),
+        f"key {here!r}, owner here (pinned)": (
+            keyed,
+            TinyRequest(ROOMS_PREFIX + here),
+            pinned_tail,
+            {},
+        ),
+        f"key {elsewhere!r}, owner elsewhere (replay)": (
+            keyed,
+            TinyRequest(ROOMS_PREFIX + elsewhere),
+            pinned_tail,
+            {},
+        ),
     }
     prefix = BROWSER_COOKIES + "; "
 
@@ -184,10 +258,46 @@ def core_figures(number: int) -> dict[str, float]:
         return min(timeit.repeat(call, number=number, repeat=5)) / number * 1e9
 
     figures = {}
-    for name, (tail, headers) in cases.items():
+    for name, (one, request, tail, headers) in cases.items():
         build = best(lambda: prefix + tail)  # noqa: B023
-        decide = best(lambda: decider.decide(None, prefix + tail, headers, False))  # noqa: B023
+        decide = best(lambda: one.decide(request, prefix + tail, headers, False))  # noqa: B023
         figures[name] = decide - build
+    # A new request every call: taking it from the cycle is subtracted too ("and" yields
+    # the header, the request being truthy).
+    build = best(lambda: next(cold_requests) and prefix + pinned_tail)
+    decide = best(lambda: keyed.decide(next(cold_requests), prefix + pinned_tail, {}, False))
+    figures[f"key owned here, not remembered ({len(MEMBERS)} machines scored)"] = decide - build
+    return figures
+
+
+@dataclass
+class Moves:
+    machines: int  # before the new one joins
+    keys: int
+    moved: int
+    to_new: int
+
+
+def move_figures(keys: int, sizes: tuple[int, ...] = (3, 10, 50)) -> list[Moves]:
+    """Owners of ``keys`` keys before and after one machine joins a fleet of N, by the
+    library's own Owners. Seeded ids: the same figures on every run."""
+    figures = []
+    for n in sizes:
+        rng = random.Random(f"flysticky-bench-fleet-{n}")
+        ids = [f"{rng.getrandbits(56):014x}" for _ in range(n + 1)]
+        assert len(set(ids)) == n + 1
+        before, after = Owners(ids[0]), Owners(ids[0])
+        before.update(ids[:n])
+        after.update(ids)
+        newcomer = ids[n]
+        moved = to_new = 0
+        for i in range(keys):
+            key = f"room-{i}"
+            old, new = before.owner(key), after.owner(key)
+            if old != new:
+                moved += 1
+                to_new += new == newcomer
+        figures.append(Moves(n, keys, moved, to_new))
     return figures
 
 
@@ -234,6 +344,103 @@ async def hop_figures(
     return figures
 
 
+@dataclass
+class Phase:
+    requests: int  # the clients'
+    deliveries: int  # to machines, replays included
+    replays: int
+    cache_hits: int
+    by_owner: int | None = None  # room requests served by the room's owner
+
+    @property
+    def hops(self) -> int:
+        return self.deliveries - self.requests
+
+
+async def _agreed_owners(fleet: Fleet, rooms: list[str], timeout: float = 30) -> dict[str, str]:
+    """Each room's owner once every machine names the same one (discovery refreshes
+    every few seconds: the first machines started before the others existed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with aiohttp.ClientSession() as client:
+        while True:
+            views = []
+            for machine in fleet.live():
+                view = {}
+                for room in rooms:
+                    url = f"http://{machine.host}:{machine.port}/owner/{room}"
+                    async with client.get(url) as response:
+                        view[room] = await response.text()
+                views.append(view)
+            ids = {m.id for m in fleet.live()}
+            if all(v == views[0] for v in views) and set(views[0].values()) <= ids:
+                return views[0]
+            if loop.time() > deadline:
+                raise RuntimeError(f"the machines do not agree on the owners: {views}")
+            await asyncio.sleep(0.2)
+
+
+async def room_figures(users: int, rooms: int, requests: int, machines: int) -> dict[str, Phase]:
+    """Users with a cookie jar each: a first visit to "/" (the cookie path), then
+    ``requests`` requests to their room (the key path), through the emulator with the
+    replay cache fly.toml configures (cookie-keyed, on "/")."""
+    rules = flytoml.load(ROOT / "fly.toml").cache_rules
+    fleet = Fleet(
+        SERVE,
+        env={
+            "BENCH_FRAMEWORK": "sanic",
+            "BENCH_STICKY": "1",
+            "BENCH_ROOMS": "1",
+            "PYTHONPATH": str(ROOT),
+        },
+        cwd=ROOT,
+    )
+    emulator = Emulator(fleet, port=0, cache_rules=rules)
+    await emulator.start(machines)
+    names = [f"room-{r}" for r in range(rooms)]
+    try:
+        owners = await _agreed_owners(fleet, names)
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(
+                    aiohttp.ClientSession(emulator.url, cookie_jar=aiohttp.CookieJar(unsafe=True))
+                )
+                for _ in range(users)
+            ]
+
+            async def get(client: aiohttp.ClientSession, path: str) -> str:
+                async with client.get(path) as response:
+                    assert response.status == 200, response.status
+                    return await response.text()
+
+            async def in_room(client: aiohttp.ClientSession, room: str) -> int:
+                served_by_owner = 0
+                for _ in range(requests):
+                    served_by_owner += await get(client, ROOMS_PREFIX + room) == owners[room]
+                return served_by_owner
+
+            start = emulator.totals()
+            await asyncio.gather(*(get(client, "/") for client in clients))
+            visited = emulator.totals()
+            by_owner = await asyncio.gather(
+                *(in_room(client, names[u % rooms]) for u, client in enumerate(clients))
+            )
+            end = emulator.totals()
+    finally:
+        await emulator.close()
+
+    def phase(a: Counters, b: Counters, count: int) -> Phase:
+        return Phase(
+            count, b.requests - a.requests, b.replays - a.replays, b.cache_hits - a.cache_hits
+        )
+
+    first = phase(start, visited, users)
+    in_rooms = phase(visited, end, users * requests)
+    in_rooms.by_owner = sum(by_owner)
+    overall = phase(start, end, users * (1 + requests))
+    return {'first visit "/"': first, "room requests": in_rooms, "all": overall}
+
+
 def environment() -> str:
     cpu = "unknown CPU"
     with open("/proc/cpuinfo") as info:
@@ -241,9 +448,10 @@ def environment() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[
-        0
-    ]
+    wrk_version = "no wrk"
+    if shutil.which("wrk") is not None:
+        wrk_run = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+        wrk_version = wrk_run.stdout.split("\n")[0]
     return (
         f"{platform.node()}: {cpu}, {os.cpu_count()} cores, Linux {platform.release()}; "
         f"Python {platform.python_version()}; sanic {version('sanic')}, quart {version('quart')}, "
@@ -256,14 +464,90 @@ def report(
     servers: dict[tuple[str, str], dict[str, Series]],
     core: dict[str, float],
     hops: dict[str, tuple[float, float]],
+    moves: list[Moves],
+    rooms: dict[str, Phase],
 ) -> str:
     lines = [
         f"# flysticky benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "",
         f"Machine: {environment()}",
-        f"Command: `python -m bench{' --smoke' if args.smoke else ''}` "
-        f"({args.rounds} rounds x {args.seconds}s per sample, wrk -t1 -c{args.connections}, "
-        "server on core 0, wrk on core 1, bare and flysticky interleaved; medians)",
+        f"Command: `{' '.join(['python -m bench', *args.argv])}`",
+    ]
+    if servers:
+        lines[-1] += (
+            f" ({args.rounds} rounds x {args.seconds}s per sample, wrk -t1 "
+            f"-c{args.connections}, server on core 0, wrk on core 1, bare and flysticky "
+            "interleaved; medians)"
+        )
+        lines += _server_lines(servers)
+    lines += [
+        "",
+        "## The core decision alone (best of 5)",
+        "",
+        f"Key rows: `StickyConfig(key=...)` over {len(MEMBERS)} machines, a key function "
+        f"reading `{ROOMS_PREFIX}<room>` off a tiny request, with the same Cookie header as "
+        "the pinned row.",
+        "",
+        "| path | ns per call |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {ns:,.0f} |" for name, ns in core.items()]
+    if hops:
+        lines += [
+            "",
+            f"## Proxy hops: {args.sessions} sessions x {args.requests} requests over "
+            f"{args.machines} machines (local emulator)",
+            "",
+            "| way | extra hops per request | extra hops per session |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {name} | {per_req:.3f} | {per_session:.2f} |"
+            for name, (per_req, per_session) in hops.items()
+        ]
+    if moves:
+        lines += [
+            "",
+            f"## Keys that move when one machine joins a fleet of N ({moves[0].keys:,} keys, "
+            "rendezvous hashing, seeded machine ids)",
+            "",
+            "| N | keys moved | moved fraction | 1/(N+1) | hash mod N would move "
+            "| moved to the new machine |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {m.machines} | {m.moved:,} | {m.moved / m.keys:.4f} | {1 / (m.machines + 1):.4f} "
+            f"| {m.machines / (m.machines + 1):.4f} | {m.to_new:,} of {m.moved:,}"
+            f"{' (all)' if m.to_new == m.moved else ''} |"
+            for m in moves
+        ]
+    if rooms:
+        lines += [
+            "",
+            f"## Rooms through the emulator: {args.users} users in {args.rooms} rooms over "
+            f"{args.machines} machines, each a first visit to / then {args.room_requests} "
+            "requests to its room",
+            "",
+            "Replay cache as fly.toml (the template) configures it: on the "
+            "fly-machine-id cookie, at /. A key's replay carries `state` (Fly does not cache "
+            f"it), so a room request is replayed when it lands off its owner: "
+            f"{(args.machines - 1) / args.machines:.3f} expected.",
+            "",
+            "| requests | count | extra hops | hops per request | replays | cache hits "
+            "| served by the room's owner |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {name} | {p.requests:,} | {p.hops:,} | {p.hops / p.requests:.3f} | "
+            f"{p.replays:,} | {p.cache_hits:,} | "
+            f"{'-' if p.by_owner is None else f'{p.by_owner:,} of {p.requests:,}'} |"
+            for name, p in rooms.items()
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _server_lines(servers: dict[tuple[str, str], dict[str, Series]]) -> list[str]:
+    lines = [
         "",
         "## Through each server: app with flysticky against the same app without it",
         "",
@@ -292,27 +576,7 @@ def report(
             f"{bare.median('p99_us'):,.0f} / {sticky.median('p99_us'):,.0f} | "
             f"{sticky.median('p99_us') / bare.median('p99_us'):.3f} |"
         )
-    lines += [
-        "",
-        "## The core decision alone (best of 5)",
-        "",
-        "| path | ns per call |",
-        "|---|---:|",
-    ]
-    lines += [f"| {name} | {ns:,.0f} |" for name, ns in core.items()]
-    lines += [
-        "",
-        f"## Proxy hops: {args.sessions} sessions x {args.requests} requests over "
-        f"{args.machines} machines (local emulator)",
-        "",
-        "| way | extra hops per request | extra hops per session |",
-        "|---|---:|---:|",
-    ]
-    lines += [
-        f"| {name} | {per_req:.3f} | {per_session:.2f} |"
-        for name, (per_req, per_session) in hops.items()
-    ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,27 +588,63 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=60)
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--machines", type=int, default=3)
+    parser.add_argument("--keys", type=int, default=100_000, help="keys of the moves table")
+    parser.add_argument("--users", type=int, default=200, help="users of the rooms table")
+    parser.add_argument("--rooms", type=int, default=20)
     parser.add_argument(
-        "--only", nargs="*", default=[], help="servers whose name has one of these words"
+        "--room-requests", type=int, default=10, help="requests per user to its room"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=[],
+        help="servers whose name has one of these words, and the parts named: "
+        + ", ".join(f"{word} ({what})" for word, what in SECTIONS.items())
+        + "; the core decision always runs",
     )
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.md")
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     if args.smoke:
         args.rounds, args.seconds, args.sessions, args.requests = 1, 1, 6, 4
-    for tool in ("wrk", "taskset"):
+        args.keys, args.users, args.rooms, args.room_requests = 10_000, 12, 4, 3
+    only = [word.lower() for word in args.only]
+    servers_wanted = [
+        name for name in SERVERS if not only or any(word in name.lower() for word in only)
+    ]
+    unknown = [
+        w for w in only if w not in SECTIONS and not any(w in name.lower() for name in SERVERS)
+    ]
+    if unknown:
+        parser.error(f"--only {' '.join(unknown)}: names no server and no part of the run")
+    wanted = {section for section in SECTIONS if not only or section in only}
+    tools = ("wrk", "taskset") if servers_wanted else ()
+    for tool in tools:
         if shutil.which(tool) is None:
             print(f"error: {tool} is needed (Debian: apt-get install {tool})", file=sys.stderr)
             return 2
     began = time.monotonic()
     print("core decision...", file=sys.stderr)
     core = core_figures(20_000 if args.smoke else 200_000)
-    print("servers (wrk)...", file=sys.stderr)
-    servers = asyncio.run(server_figures(args.rounds, args.seconds, args.connections, args.only))
+    servers = {}
+    if servers_wanted:
+        print("servers (wrk)...", file=sys.stderr)
+        servers = asyncio.run(
+            server_figures(args.rounds, args.seconds, args.connections, args.only)
+        )
     hops = {}
-    if not args.only:
+    if "hops" in wanted:
         print("proxy hops...", file=sys.stderr)
         hops = asyncio.run(hop_figures(args.sessions, args.requests, args.machines))
-    text = report(args, servers, core, hops)
+    moves = []
+    if "moves" in wanted:
+        print("keys moved by a new machine...", file=sys.stderr)
+        moves = move_figures(args.keys)
+    rooms = {}
+    if "rooms" in wanted:
+        print("rooms through the emulator...", file=sys.stderr)
+        rooms = asyncio.run(room_figures(args.users, args.rooms, args.room_requests, args.machines))
+    text = report(args, servers, core, hops, moves, rooms)
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)

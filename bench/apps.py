@@ -1,7 +1,10 @@
 """Hello-world apps for the benchmark, the same app with and without flysticky.
 
 BENCH_FRAMEWORK=sanic|quart, BENCH_STICKY=1 wires StickySessions in,
-BENCH_MODE=prefer_instance|instance.
+BENCH_MODE=prefer_instance|instance. BENCH_ROOMS=1 (with BENCH_STICKY=1) adds
+``/rooms/<room>``, routed by its room (``StickyConfig(key=room_key)``), which answers
+with the machine that served it, and ``/owner/<room>``, which says who owns a room in
+this machine's view.
 """
 
 from __future__ import annotations
@@ -11,8 +14,16 @@ from typing import Any
 
 from flysticky import StickyConfig
 
+from .keys import room_key
+
 STICKY = os.environ.get("BENCH_STICKY") == "1"
-CONFIG = StickyConfig(replay_mode=os.environ.get("BENCH_MODE", "prefer_instance"))  # type: ignore[arg-type]
+# Only when asked: the other apps' route tables stay exactly the bare hello world.
+ROOMS = STICKY and os.environ.get("BENCH_ROOMS") == "1"
+CONFIG = StickyConfig(
+    replay_mode=os.environ.get("BENCH_MODE", "prefer_instance"),  # type: ignore[arg-type]
+    key=room_key if ROOMS else None,
+)
+MACHINE = os.environ.get("FLY_MACHINE_ID", "")
 
 app: Any
 if os.environ.get("BENCH_FRAMEWORK", "sanic") == "sanic":
@@ -27,7 +38,17 @@ if os.environ.get("BENCH_FRAMEWORK", "sanic") == "sanic":
     if STICKY:
         from flysticky.sanic import StickySessions
 
-        StickySessions(app, CONFIG)
+        sanic_sticky = StickySessions(app, CONFIG)
+
+    if ROOMS:
+
+        @app.get("/rooms/<room>")
+        async def sanic_room(request: Request, room: str) -> Any:
+            return text(MACHINE)
+
+        @app.get("/owner/<room>")
+        async def sanic_owner(request: Request, room: str) -> Any:
+            return text(sanic_sticky.owner(room) or "")
 else:
     from quart import Quart
 
@@ -40,4 +61,14 @@ else:
     if STICKY:
         from flysticky.quart import StickySessions as QuartSticky
 
-        QuartSticky(app, CONFIG)
+        quart_sticky = QuartSticky(app, CONFIG)
+
+    if ROOMS:
+
+        @app.get("/rooms/<room>")
+        async def quart_room(room: str) -> str:
+            return MACHINE
+
+        @app.get("/owner/<room>")
+        async def quart_owner(room: str) -> str:
+            return quart_sticky.owner(room) or ""

@@ -31,10 +31,11 @@ def is_machine_id(value: str) -> bool:
     return _MACHINE_ID.fullmatch(value) is not None
 
 
-def _score(member: bytes, key: bytes) -> int:
+def _scorer(member: str) -> blake2b:
     # BLAKE2b keyed by the machine id: the same on every machine and every Python run
-    # (unlike hash()), and uniform, so each machine wins about 1/N of the keys.
-    return int.from_bytes(blake2b(key, digest_size=8, key=member).digest())
+    # (unlike hash()), and uniform, so each machine wins about 1/N of the keys. Kept
+    # keyed and copied per score: a copy costs less than keying anew.
+    return blake2b(digest_size=8, key=member.encode())
 
 
 class Owners:
@@ -47,7 +48,7 @@ class Owners:
     def __init__(self, machine_id: str) -> None:
         self.machine_id = machine_id
         self._members: tuple[str, ...] | None = None
-        self._encoded: tuple[tuple[str, bytes], ...] = ()
+        self._scorers: tuple[tuple[str, blake2b], ...] = ()
         self._cache: dict[str, str] = {}
 
     @property
@@ -59,7 +60,7 @@ class Owners:
         Returns whether the set changed."""
         if members is None:
             changed = self._members is not None
-            self._members, self._encoded = None, ()
+            self._members, self._scorers = None, ()
         else:
             ids = {m for m in members if _MACHINE_ID.fullmatch(m)}
             ids.add(self.machine_id)
@@ -67,7 +68,7 @@ class Owners:
             changed = ordered != self._members
             if changed:
                 self._members = ordered
-                self._encoded = tuple((m, m.encode()) for m in ordered)
+                self._scorers = tuple((m, _scorer(m)) for m in ordered)
         if changed:
             self._cache.clear()
         return changed
@@ -77,15 +78,17 @@ class Owners:
         owner = self._cache.get(key)
         if owner is not None:
             return owner
-        encoded = self._encoded
-        if not encoded:
+        scorers = self._scorers
+        if not scorers:
             return None
         data = key.encode("utf-8", "surrogatepass")
         if len(data) > _LONG_KEY:
             data = blake2b(data, digest_size=32).digest()
         best_score = -1
-        for member, member_bytes in encoded:
-            score = _score(member_bytes, data)
+        for member, scorer in scorers:
+            hashed = scorer.copy()
+            hashed.update(data)
+            score = int.from_bytes(hashed.digest())
             if score > best_score:
                 best_score, owner = score, member
         assert owner is not None
