@@ -49,6 +49,19 @@ def _is_async_callable(value: object) -> bool:
     )
 
 
+#: Headers that already mean something to HTTP, to Fly's proxy or to flysticky: routing
+#: by one of them would be routing by what the client or the proxy put there for
+#: another purpose.
+_RESERVED_HEADERS = frozenset(
+    {"host", "cookie", "content-length", "transfer-encoding", "connection", "upgrade", "te"}
+)
+
+
+def _reserved_header(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in _RESERVED_HEADERS or lowered.startswith(("fly-", "flysticky-"))
+
+
 def _check_function(field: str, value: object, allowed: str) -> None:
     if value is None:
         return
@@ -154,11 +167,15 @@ class StickyConfig:
             raise _reject("replay_mode", self.replay_mode, "'prefer_instance' or 'instance'")
         _check_function("key", self.key, "a plain function taking the request, or None")
         if self.session_header is not None:
-            if not is_cookie_name(self.session_header):  # a header name is a token too
+            header = self.session_header
+            if not is_cookie_name(header) or _reserved_header(header):  # a token too
                 raise _reject(
-                    "session_header", self.session_header, "a header name such as 'mcp-session-id'"
+                    "session_header",
+                    header,
+                    "a header name of your own such as 'mcp-session-id' (not a fly- or "
+                    "flysticky- header, nor one HTTP or the cookie path gives a meaning)",
                 )
-            object.__setattr__(self, "session_header", self.session_header.lower())
+            object.__setattr__(self, "session_header", header.lower())
         if self.owners not in OWNER_SETS:
             raise _reject("owners", self.owners, "'all' or 'started'")
         refresh = self.refresh_seconds

@@ -34,18 +34,17 @@ AMBIGUOUS_REPLAY_STATE = "state=flysticky-duplicate-cookie"
 #: client visits many keys, so no cache entry could be right for all of them.
 KEY_REPLAY_STATE = "state=flysticky-key"
 #: The request header on a request flysticky forwarded over the private network: the
-#: machine it came from.
+#: machine it came from. Any client can send it, so it counts only where forwarding
+#: does: on a body too big to replay, which it then keeps from being forwarded again.
 FORWARDED_HEADER = "flysticky-forwarded-from"
 #: Request headers Fly's proxy adds to a request it delivers by replay, by a
 #: replay-cache hit, to a substitute for an unavailable preferred machine, or by
-#: a fallback, and flysticky's own on a forwarded request. Such a request is never
-#: replayed or forwarded again.
+#: a fallback. Such a request is never replayed again.
 ARRIVAL_HEADERS = (  # failover signals first: they say the most about why
     "fly-preferred-instance-unavailable",
     "fly-replay-failed",
     "fly-replay-src",
     "fly-replay-cache-status",
-    FORWARDED_HEADER,
 )
 #: The arrival headers that stop a request routed by key or session id. A replay-cache
 #: hit does not: key replays are never cached, so a hit on such a request came from
@@ -110,7 +109,9 @@ class Decision:
     ``pinned_to`` is the machine that owns the key or that the id names (None while the
     app's machines are not known yet), and a replay ends in ``;state=flysticky-key``
     when Fly must not cache it (see KEY_REPLAY_STATE). ``OFF_PIN`` becomes ``FORWARDED``
-    once the adapter has forwarded the request to ``pinned_to`` over the private network.
+    once the adapter has forwarded the request to ``pinned_to`` over the private network;
+    an ``OFF_PIN`` whose ``arrived_by`` is FORWARDED_HEADER was forwarded here already and
+    is served here.
     """
 
     outcome: Outcome
@@ -414,16 +415,18 @@ class Decider:
         if key_function is not None:
             key = key_function(request)
             if key is not None:
-                if key.__class__ is not str:
-                    _refuse_key(key_function, key)
                 if self._skipped_by(request):
                     return self._skipped
+                if not isinstance(key, str):
+                    _refuse_key(key_function, key)
                 owner = self.owners.owner(key)
-                return self._owned(owner, headers, False, "key", key)
+                return self._owned(owner, headers, False, "key", key, is_websocket)
         name = self._session_header
         if name is not None:
             session = headers.get(name)
-            if session and not self._skipped_by(request):
+            if session:
+                if self._skipped_by(request):
+                    return self._skipped
                 machine = session_machine(session.strip(" \t"))
                 members = self.owners.members
                 if machine is not None and members is not None and machine not in members:
@@ -431,7 +434,7 @@ class Decider:
                 # Our cookie on the same request: a cookie-keyed replay cache could file
                 # this machine under the visitor's pin.
                 cacheable = not cookie_header or self._name not in cookie_header
-                return self._owned(machine, headers, cacheable, name, None)
+                return self._owned(machine, headers, cacheable, name, None, is_websocket)
         return self._decide_by_cookie(request, cookie_header, headers, is_websocket)
 
     def _skipped_by(self, request: Any) -> bool:
@@ -450,6 +453,7 @@ class Decider:
         cacheable: bool,
         routed_by: str,
         key: str | None,
+        is_websocket: bool,
     ) -> Decision:
         """The decision for a request whose machine is ``owner`` (a key's or a session
         id's), by the cookie path's rules: served there, replayed there once, never
@@ -481,9 +485,16 @@ class Decider:
                     routed_by=routed_by,
                     key=key,
                 )
-        if not _body_replayable(headers):
+        if not is_websocket and not _body_replayable(headers):
             log.debug("off_pin: body too big or of unknown length to replay to %s", owner)
-            return Decision(Outcome.OFF_PIN, machine_id, owner, routed_by=routed_by, key=key)
+            return Decision(
+                Outcome.OFF_PIN,
+                machine_id,
+                owner,
+                arrived_by=_forwarded_by(headers),
+                routed_by=routed_by,
+                key=key,
+            )
         log.debug("replayed: %s owned by %s", routed_by, owner)
         decision = self._routed.get((owner, routed_by, key, cacheable))
         if decision is None:
@@ -573,12 +584,20 @@ class Decider:
                     arrived_by=name,
                     expire_cookie=self._expire_before.get(stamp) if ambiguous else None,
                 )
-        if not _body_replayable(headers):
+        if not is_websocket and not _body_replayable(headers):
             log.debug("off_pin: body too big or of unknown length to replay to %s", pin)
-            return Decision(Outcome.OFF_PIN, self.machine_id, pin)
+            return Decision(
+                Outcome.OFF_PIN, self.machine_id, pin, arrived_by=_forwarded_by(headers)
+            )
         if log.isEnabledFor(logging.DEBUG):
             log.debug("replayed: session pinned to %s%s", pin, " (duplicate cookie)" * ambiguous)
         return self._replay(pin, ambiguous)
+
+
+def _forwarded_by(headers: HeaderLookup) -> str | None:
+    """FORWARDED_HEADER when a body too big to replay was forwarded here already: it is
+    served, never forwarded again."""
+    return FORWARDED_HEADER if FORWARDED_HEADER in headers else None
 
 
 def _refuse_key(function: object, key: object) -> NoReturn:

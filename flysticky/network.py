@@ -25,10 +25,11 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 from multidict import CIMultiDict
+from yarl import URL
 
 from .config import StickyConfig
 from .core import FORWARDED_HEADER, Decider
-from .owners import is_machine_id
+from .owners import Owners, is_machine_id
 
 log = logging.getLogger("flysticky")
 
@@ -42,6 +43,12 @@ DNS_LIFETIME = 2.0
 #: Discovery keeps its last answer through failures this many intervals long, then
 #: forgets it (every key is then served where it lands).
 STALE_AFTER_INTERVALS = 6
+#: After a change in the machines, discovery asks again this soon, then twice as late
+#: each time, up to refresh_seconds.
+SETTLE_FIRST = 0.25
+#: A forwarded body that sends nothing for this long is given up (the client gets 502):
+#: a stalled upload must not hold a connection to the other machine for ever.
+BODY_IDLE_TIMEOUT = 60.0
 #: Headers that belong to one connection, never forwarded (RFC 9110 7.6.1). Host is
 #: kept: the machine answers for the app's name, not for its private address.
 _HOP_BY_HOP = frozenset(
@@ -138,35 +145,48 @@ class Discovery:
             return str(record)
         return None
 
-    async def keep_current(
-        self, owners_update: Callable[[list[str] | None], bool], interval: float
-    ) -> None:
-        """Refresh the owners every ``interval`` seconds, forever. Failures keep the
-        last answer for a while (a resolver hiccup must not move every key), then drop
-        it: unknown owners mean requests are served where they land."""
+    async def keep_current(self, owners: Owners, interval: float) -> None:
+        """Keep ``owners`` current, forever. After a change (and at start) it asks again
+        soon, then every ``interval`` seconds: machines that start together find each other
+        within a second, not an interval. Failures keep the last answer for a while (a
+        resolver hiccup must not move every key), then drop it; so does an answer that does
+        not list this machine (a resolver that is not Fly's, another app's machines):
+        unknown owners mean requests are served where they land."""
         last_answer = 0.0
-        failing = False
+        trouble: str | None = None  # what went wrong last, logged once per streak
+        delay = min(SETTLE_FIRST, interval)
         while True:
+            problem: str | None = None
             try:
                 ids = await self.members()
             except (dns.exception.DNSException, OSError) as error:
-                if not failing:
-                    log.warning("flysticky discovery: %s failed: %s", self.members_name, error)
-                    failing = True
+                problem = f"{self.members_name} failed: {error}"
                 stale = (
                     last_answer
                     and time.monotonic() - last_answer > interval * STALE_AFTER_INTERVALS
                 )
-                if stale and owners_update(None):
+                if stale and owners.update(None):
                     log.warning("flysticky discovery: no answer for long; keys served here")
             else:
-                if failing:
+                if owners.machine_id not in ids:
+                    problem = (
+                        f"{self.members_name} does not list this machine ({owners.machine_id}); "
+                        "keys served here"
+                    )
+                    changed = owners.update(None)
+                else:
+                    last_answer = time.monotonic()
+                    changed = owners.update(ids)
+                    if changed:
+                        log.info("flysticky discovery: machines %s", ", ".join(sorted(ids)))
+                delay = min(SETTLE_FIRST, interval) if changed else min(delay * 2, interval)
+            if problem != trouble:
+                if problem is not None:
+                    log.warning("flysticky discovery: %s", problem)
+                else:
                     log.info("flysticky discovery: %s answers again", self.members_name)
-                    failing = False
-                last_answer = time.monotonic()
-                if owners_update(ids):
-                    log.info("flysticky discovery: machines %s", ", ".join(sorted(ids)) or "-")
-            await asyncio.sleep(interval)
+                trouble = problem
+            await asyncio.sleep(delay)
 
 
 @dataclass
@@ -178,18 +198,15 @@ class Forwarded:
     body: AsyncIterator[bytes]
 
 
-class _Consumed:
-    """A request body that says whether forwarding began reading it (then the request
-    can no longer be served here)."""
-
-    def __init__(self, body: AsyncIterable[bytes]) -> None:
-        self._body = body
-        self.started = False
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        self.started = True
-        async for chunk in self._body:
-            yield chunk
+async def _idle_limited(body: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """The request body as it arrives, given up after BODY_IDLE_TIMEOUT without a byte."""
+    chunks = aiter(body)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), BODY_IDLE_TIMEOUT)
+        except StopAsyncIteration:
+            return
+        yield chunk
 
 
 class PrivateNetwork:
@@ -245,6 +262,9 @@ class PrivateNetwork:
     async def start(self) -> None:
         if self.forwards:
             self._session = aiohttp.ClientSession(
+                # No pool limit: one slow upload must not make others wait for a connection
+                # (and be served off their machine); each ends within BODY_IDLE_TIMEOUT.
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
                 auto_decompress=False,
                 # Uploads may take long; a machine that does not answer the connection
                 # at once is treated as gone.
@@ -253,7 +273,7 @@ class PrivateNetwork:
         if self.routes:
             owners = self.decider.owners
             self._task = asyncio.create_task(
-                self.discovery.keep_current(owners.update, self.config.refresh_seconds)
+                self.discovery.keep_current(owners, self.config.refresh_seconds)
             )
             # The server is not serving yet: waiting here delays no request, and its
             # first requests then find their owners.
@@ -285,28 +305,44 @@ class PrivateNetwork:
         session = self._session
         if session is None:
             return None
+        if not target.startswith("/"):
+            return None  # an absolute-form or asterisk target: nothing to forward
         address = await self.discovery.address(machine_id)
         if address is None:
             return None
         host = f"[{address}]" if ":" in address else address
-        sent = CIMultiDict((k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP)
+        # encoded: the target goes as it came, never normalised ("/a/../b" stays), so the
+        # other machine routes the very path this one routed by.
+        url = URL(f"http://{host}:{self.port}{target}", encoded=True)
+        pairs = list(headers)
+        listed = {
+            name.strip().lower()
+            for key, value in pairs
+            if key.lower() == "connection"
+            for name in value.split(",")
+        }
+        sent = CIMultiDict(
+            (k, v) for k, v in pairs if k.lower() not in _HOP_BY_HOP and k.lower() not in listed
+        )
         sent[FORWARDED_HEADER] = self.decider.machine_id
-        consumed = None if isinstance(body, bytes) else _Consumed(body)
         try:
             response = await session.request(
                 method,
-                f"http://{host}:{self.port}{target}",
+                url,
                 headers=sent,
-                data=body if consumed is None else consumed.chunks(),
+                data=body if isinstance(body, bytes) else _idle_limited(body),
                 allow_redirects=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
             )
-        except (TimeoutError, aiohttp.ClientError, OSError) as error:
-            if consumed is not None and consumed.started:
-                log.warning("forward to %s failed mid-request: %s", machine_id, error)
-                return Forwarded(502, [("content-type", "text/plain")], _one(b"bad gateway\n"))
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+            # Nothing was sent: the request can still be served here.
             log.info("forward to %s failed, serving here: %s", machine_id, error)
             return None
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            # The other machine may have the request, and may have acted on it: running it
+            # here too could do it twice.
+            log.warning("forward to %s failed mid-request: %s", machine_id, error)
+            return Forwarded(502, [("content-type", "text/plain")], _one(b"bad gateway\n"))
         log.info("forwarded: %s %s to %s over the private network", method, target, machine_id)
         answer = [(k, v) for k, v in response.headers.items() if k.lower() not in _HOP_BY_HOP]
         return Forwarded(response.status, answer, _stream(response))

@@ -137,7 +137,11 @@ class StickySessions:
         g.flysticky = decision
         if decision.replay is not None:
             return Response(b"", REPLAY_STATUS, {REPLAY_HEADER: decision.replay})
-        if decision.outcome is Outcome.OFF_PIN and self._network is not None:
+        if (
+            decision.outcome is Outcome.OFF_PIN
+            and decision.arrived_by is None  # else forwarded here already: serve
+            and self._network is not None
+        ):
             return self._forwarded(target, decision, self._network)
         if decision.set_cookie is not None:
 

@@ -15,7 +15,8 @@ Framework internals touched (the one place; checked on Sanic 23.12 to 25.12 by t
 version matrix): ``route.handler`` is replaced by a wrapper and flysticky's middleware
 is placed in ``route.extra.request_middleware`` and ``app.request_middleware``; the
 request context is created through the ``_ctx`` slot; ``app.request_class`` is
-replaced by a subclass when the app uses Sanic's own ``make_context``.
+replaced by a subclass when the app uses Sanic's own ``make_context``; a request whose
+method is ``"NONE"`` is Sanic's stand-in for one it could not parse, and left alone.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class _Wrapped:
         self.hooked = False
 
 
+#: The method of the stand-in request Sanic's error path makes for a request it could
+#: not parse: nothing to decide (its headers are empty, so any decision would be wrong).
+_UNPARSED = "NONE"
 #: What ``_apply`` answers for a body that goes home over the private network.
 _FORWARD = object()
 
@@ -201,7 +205,11 @@ class StickySessions:
         request.ctx.flysticky = decision
         if decision.replay is not None:
             return _replay_response(request, decision.replay, is_websocket)
-        if decision.outcome is Outcome.OFF_PIN and self._network is not None:
+        if (
+            decision.outcome is Outcome.OFF_PIN
+            and decision.arrived_by is None  # else forwarded here already: serve
+            and self._network is not None
+        ):
             return _FORWARD if self._network.forwards else None
         return decision if decision.set_cookie is not None else None
 
@@ -246,7 +254,7 @@ class StickySessions:
 
     async def _request_middleware(self, request: Request) -> HTTPResponse | None:
         decider = self._decider
-        if decider is None:
+        if decider is None or request.method == _UNPARSED:
             return None
         decided = current_decision(request)
         if decided is not None and decided.outcome is not Outcome.PINNED:

@@ -41,6 +41,7 @@ def room_owned_by(machine: str, members: list[str]) -> str:
 class Fleet:
     port: int  # every machine's port (Fly's internal_port)
     seen: list[dict[str, Any]]  # what the other machine received
+    unlisted: set[str]  # machines the DNS leaves out of every answer
 
     def config(self, **options: Any) -> StickyConfig:
         return StickyConfig(
@@ -57,17 +58,24 @@ def _free_port(host: str) -> int:
 @pytest.fixture
 async def fleet(on_fly: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Fleet]:
     seen: list[dict[str, Any]] = []
+    unlisted: set[str] = set()
 
     async def other_machine(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         seen.append(
             {
-                "path": request.path_qs,
+                "path": request.raw_path,
                 "bytes": len(body),
                 "from": request.headers.get("flysticky-forwarded-from"),
                 "host": request.headers.get("host"),
             }
         )
+        if "x-secret" in request.headers:
+            raise AssertionError("a header the client named in Connection was forwarded")
+        if request.query.get("drop"):  # took the whole request, then died unanswered
+            assert request.transport is not None
+            request.transport.close()
+            raise ConnectionResetError
         response = web.json_response({"machine": OTHER, "bytes": len(body)}, status=201)
         response.headers.add("set-cookie", "a=1")
         response.headers.add("set-cookie", "b=2")
@@ -84,12 +92,12 @@ async def fleet(on_fly: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[F
         Vm(OTHER, "iad", "started", IPv6Address(f"::ffff:{OTHER_ADDRESS}")),
         Vm(STOPPED, "ams", "stopped", IPv6Address("::ffff:127.0.0.3")),
     ]
-    dns = InternalDns(APP, "iad", lambda: vms)
+    dns = InternalDns(APP, "iad", lambda: [vm for vm in vms if vm.id not in unlisted])
     await dns.start()
     monkeypatch.setenv("FLY_APP_NAME", APP)
     monkeypatch.setenv("FLYSTICKY_RESOLVER", "{}:{}".format(*dns.address))
     try:
-        yield Fleet(port, seen)
+        yield Fleet(port, seen, unlisted)
     finally:
         await dns.close()
         await runner.cleanup()
@@ -221,3 +229,38 @@ async def test_a_session_id_goes_to_the_machine_it_names(
     assert reply.header("set-cookie") is None  # API clients get no visitor cookie
     if status == 200:
         assert reply.decision["routed_by"] == "mcp-session-id"
+
+
+async def test_a_machine_that_dies_after_taking_the_request_is_never_run_twice(
+    make: MakeHarness, fleet: Fleet
+) -> None:
+    # The other machine read the whole body, so it may have acted on it: serving the
+    # request here as well could do it twice. The client gets 502.
+    reply = await make(fleet.config()).request(
+        "POST", "/?drop=1", {"cookie": f"fly-machine-id={OTHER}"}, body=BIG
+    )
+    assert reply.status == 502
+    assert reply.ran == []
+    assert len(fleet.seen) == 1
+
+
+async def test_the_forwarded_target_is_the_one_that_was_routed(
+    make: MakeHarness, fleet: Fleet
+) -> None:
+    room = room_owned_by(OTHER, ALL)
+    target = f"/rooms/{room}?a=%41&b=..%2F..%2Fadmin&c=/../x"
+    headers = {"connection": "x-secret", "x-secret": "not for the other machine"}
+    reply = await make(fleet.config()).request("POST", target, headers, body=BIG)
+    assert reply.status == 201
+    assert fleet.seen[0]["path"] == target  # byte for byte: nothing normalised
+
+
+async def test_a_dns_answer_without_this_machine_is_not_trusted(
+    make: MakeHarness, fleet: Fleet
+) -> None:
+    # Another app's machines, or a resolver that is not Fly's: owning every key here, or
+    # none, would both be wrong; keys are served where they land.
+    fleet.unlisted.add(MACHINE)
+    reply = await make(fleet.config()).request("GET", f"/rooms/{room_owned_by(OTHER, ALL)}")
+    assert reply.status == 200
+    assert reply.decision["outcome"] == "unowned"

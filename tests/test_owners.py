@@ -3,6 +3,7 @@ and the Decider's rules for requests routed by either."""
 
 from __future__ import annotations
 
+import enum
 import random
 from types import SimpleNamespace
 from typing import Any
@@ -341,3 +342,62 @@ def test_routed_decisions_are_shared_and_their_tables_bounded() -> None:
     assert decide(made, f"/rooms/{huge}").key == huge
     assert all(len(key or "") <= 256 for _, _, key, _ in made._routed)
     assert all(len(key) <= 256 for key in made.owners._cache)
+
+
+def test_a_forged_forwarded_header_changes_nothing_on_a_small_request() -> None:
+    # Any client can send it; it counts only on a body too big to replay.
+    room = key_owned_by(OTHER, MEMBERS)
+    forged = {"flysticky-forwarded-from": OTHER, "cookie": f"fly-machine-id={OTHER}"}
+    assert decide(decider(MEMBERS), f"/rooms/{room}", forged).outcome is Outcome.REPLAYED
+    assert decide(decider(MEMBERS), "/", forged).outcome is Outcome.REPLAYED
+    big = {**forged, "content-length": str(REPLAY_BODY_LIMIT + 1)}
+    for path in (f"/rooms/{room}", "/"):
+        decision = decide(decider(MEMBERS), path, big)
+        # Forwarded here already: served here, never forwarded again.
+        assert (decision.outcome, decision.arrived_by) == (
+            Outcome.OFF_PIN,
+            "flysticky-forwarded-from",
+        )
+
+
+def test_a_websocket_handshake_is_never_off_pin_whatever_its_headers_say() -> None:
+    room = key_owned_by(OTHER, MEMBERS)
+    odd = {"content-length": str(REPLAY_BODY_LIMIT + 1), "cookie": f"fly-machine-id={OTHER}"}
+    for path in (f"/rooms/{room}", "/"):
+        decision = decider(MEMBERS).decide(
+            SimpleNamespace(path=path), odd["cookie"], HeaderTable(odd.items()), True
+        )
+        assert decision.outcome is Outcome.REPLAYED
+
+
+def test_key_functions_may_return_str_subclasses_and_the_skipper_comes_first() -> None:
+    class Room(enum.StrEnum):
+        LOBBY = "lobby"
+
+    made = Decider(StickyConfig(key=lambda request: Room.LOBBY), HERE)
+    made.owners.update([HERE])
+    assert decide(made, "/x").key == "lobby"
+    # A bad key on a path the skipper skips is never looked at.
+    skipping = StickyConfig(key=lambda request: 42, skipper=lambda request: True)  # type: ignore[arg-type,return-value]
+    assert decide(Decider(skipping, HERE), "/health").outcome is Outcome.SKIPPED
+
+
+def test_the_skipper_runs_once_on_a_skipped_request_with_a_session_id() -> None:
+    calls: list[str] = []
+
+    def skipper(request: Any) -> bool:
+        calls.append(request.path)
+        return True
+
+    made = decider(MEMBERS, skipper=skipper)
+    decision = decide(made, "/health", {"mcp-session-id": new_session_id(OTHER)})
+    assert decision.outcome is Outcome.SKIPPED
+    assert calls == ["/health"]
+
+
+@pytest.mark.parametrize(
+    "name", ["host", "Cookie", "content-length", "fly-replay-src", "flysticky-forwarded-from"]
+)
+def test_a_session_header_that_means_something_else_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="session_header"):
+        StickyConfig(session_header=name)
