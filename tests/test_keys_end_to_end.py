@@ -34,10 +34,11 @@ async def room(client: aiohttp.ClientSession, name: str) -> dict[str, Any]:
         return await response.json()  # type: ignore[no-any-return]
 
 
-async def owners_seen(url: str, users: int = 8, settled: bool = True) -> dict[str, set[str]]:
-    """Which machines served each room, over several users with their own cookies;
-    ``settled``: each served by the machine that knows it owns it."""
+async def owners_seen(url: str, users: int = 8) -> tuple[dict[str, set[str]], bool]:
+    """Which machines served each room, over several users with their own cookies, and
+    whether every answer came from the machine that knows it owns that room."""
     served: dict[str, set[str]] = {name: set() for name in ROOMS}
+    settled = True
     for _ in range(users):
         async with session(url) as client:
             for _ in range(4):  # a visitor cookie pinning it somewhere, and (with the
@@ -46,20 +47,18 @@ async def owners_seen(url: str, users: int = 8, settled: bool = True) -> dict[st
             for name in ROOMS:
                 body = await room(client, name)
                 served[name].add(body["machine"])
-                if settled:
-                    assert body["owner"] == body["machine"]
-                    assert (body["outcome"], body["key"]) == ("pinned", name)
-                    assert body["routed_by"] == "key"
-    return served
+                assert (body["key"], body["routed_by"]) == (name, "key")
+                settled &= body["owner"] == body["machine"] and body["outcome"] == "pinned"
+    return served, settled and all(len(m) == 1 for m in served.values())
 
 
 async def test_every_user_of_a_room_lands_on_its_owner(framework: str) -> None:
     # The template's replay cache, keyed on the visitor cookie at "/", sends a visitor's
     # room requests to the visitor's machine too: the room still reaches its owner.
     async with running(SERVE, env=keys_env(framework), cache_rules=CACHE) as (emulator, _):
-        served = await owners_seen(emulator.url)
+        served, settled = await owners_seen(emulator.url)
         assert sum(m.counters.cache_hits for m in emulator.fleet.machines) > 0
-        assert all(len(machines) == 1 for machines in served.values()), served
+        assert settled, served
         owners = Counter(next(iter(m)) for m in served.values())
         assert len(owners) > 1  # twelve rooms spread over the three machines
         # The room's websocket is decided before the upgrade: it opens on the owner too.
@@ -80,20 +79,20 @@ async def wait_until(check: Any, timeout: float = 10.0) -> Any:
 
 async def test_a_destroyed_owner_s_rooms_move_to_one_new_owner_each(framework: str) -> None:
     async with running(SERVE, env=keys_env(framework)) as (emulator, _):
-        before = {name: next(iter(m)) for name, m in (await owners_seen(emulator.url)).items()}
+        served, settled = await owners_seen(emulator.url)
+        assert settled, served
+        before = {name: next(iter(m)) for name, m in served.items()}
         victim_id = Counter(before.values()).most_common(1)[0][0]
         victim = emulator.fleet.get(victim_id)
         assert victim is not None
         await emulator.destroy(victim)
 
-        async def settled() -> dict[str, set[str]] | None:
+        async def moved() -> dict[str, set[str]] | None:
             # Until every machine has seen the new set, a room may be served elsewhere.
-            seen = await owners_seen(emulator.url, users=3, settled=False)
-            if not all(len(m) == 1 for m in seen.values()):
-                return None
-            return await owners_seen(emulator.url, users=3)
+            seen, settled = await owners_seen(emulator.url, users=3)
+            return seen if settled else None
 
-        after = await wait_until(settled)
+        after = await wait_until(moved)
         assert after is not None, "rooms did not settle on one owner each"
         for name, machines in after.items():
             owner = next(iter(machines))
