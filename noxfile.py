@@ -47,6 +47,7 @@ TESTS = [
     "tests/test_real_servers.py",
     "tests/test_end_to_end.py",
     "tests/test_owners.py",
+    "tests/test_network.py",
     "tests/test_keys_conformance.py",
     "tests/test_keys_end_to_end.py",
 ]

@@ -257,7 +257,13 @@ class PrivateNetwork:
         if port is None:
             value = environ("PORT") or ""
             port = int(value) if value.isdigit() and 0 < int(value) < 65536 else 8080
-        return cls(config, decider, app_name, port, make_resolver(environ))
+        try:
+            resolver = make_resolver(environ)
+        except dns.resolver.NoResolverConfiguration as error:
+            # Every Fly machine has /etc/resolv.conf; an image without one still serves.
+            log.warning("no DNS resolver (%s): flysticky cannot reach the other machines", error)
+            return None
+        return cls(config, decider, app_name, port, resolver)
 
     async def start(self) -> None:
         if self.forwards:
