@@ -135,6 +135,8 @@ class StickySessions:
         cookie = join_cookie_headers(headers.getlist("cookie"))
         decision = decider.decide(target, cookie, HeaderTable(headers.items()), is_websocket)
         g.flysticky = decision
+        if decision is decider.pinned:  # every request of every session: nothing to add
+            return None
         if decision.replay is not None:
             return Response(b"", REPLAY_STATUS, {REPLAY_HEADER: decision.replay})
         if (
