@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .config import StickyConfig
-from .core import FORWARDED_HEADER, Decider
+from .core import FORWARDED_HEADER, Decider, Decision, Outcome
 from .owners import Owners, is_machine_id
 
 log = logging.getLogger("flysticky")
@@ -191,11 +192,13 @@ class Discovery:
 
 @dataclass
 class Forwarded:
-    """The answer of the machine a request was forwarded to, streamed."""
+    """The answer of the machine a request was forwarded to, streamed, and the decision
+    the handlers' side records for it (outcome FORWARDED)."""
 
     status: int
     headers: list[tuple[str, str]]
     body: AsyncIterator[bytes]
+    decision: Decision
 
 
 async def _idle_limited(body: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
@@ -297,20 +300,32 @@ class PrivateNetwork:
             await self._session.close()
             self._session = None
 
+    def takes(self, decision: Decision) -> bool:
+        """Whether ``decision`` is a request this network sends to its machine: a body
+        too big to replay, not forwarded here already, with a machine to go to."""
+        return (
+            self.forwards
+            and decision.outcome is Outcome.OFF_PIN
+            and decision.arrived_by is None
+            and decision.pinned_to is not None
+        )
+
     async def forward(
         self,
-        machine_id: str,
+        decision: Decision,
         method: str,
         target: str,
         headers: Iterable[tuple[str, str]],
         body: bytes | AsyncIterable[bytes],
     ) -> Forwarded | None:
-        """Send a request to ``machine_id`` over the private network and stream its
-        answer back. None, with the body untouched, when that machine has no address or
-        does not take the connection: the caller serves the request itself."""
+        """Send a request ``takes`` to its machine over the private network and stream
+        its answer back. None, with the body untouched, when that machine has no address
+        or does not take the connection: the caller serves the request itself."""
         session = self._session
-        if session is None:
+        machine_id = decision.pinned_to
+        if session is None or machine_id is None:
             return None
+        forwarded = dataclasses.replace(decision, outcome=Outcome.FORWARDED)
         if not target.startswith("/"):
             return None  # an absolute-form or asterisk target: nothing to forward
         address = await self.discovery.address(machine_id)
@@ -348,10 +363,12 @@ class PrivateNetwork:
             # The other machine may have the request, and may have acted on it: running it
             # here too could do it twice.
             log.warning("forward to %s failed mid-request: %s", machine_id, error)
-            return Forwarded(502, [("content-type", "text/plain")], _one(b"bad gateway\n"))
+            return Forwarded(
+                502, [("content-type", "text/plain")], _one(b"bad gateway\n"), forwarded
+            )
         log.info("forwarded: %s %s to %s over the private network", method, target, machine_id)
         answer = [(k, v) for k, v in response.headers.items() if k.lower() not in _HOP_BY_HOP]
-        return Forwarded(response.status, answer, _stream(response))
+        return Forwarded(response.status, answer, _stream(response), forwarded)
 
 
 async def _stream(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

@@ -15,7 +15,6 @@ give the same object.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -32,7 +31,6 @@ from .core import (
     Decider,
     Decision,
     HeaderTable,
-    Outcome,
     apply_stamp,
     decider_for,
     join_cookie_headers,
@@ -139,11 +137,7 @@ class StickySessions:
             return None
         if decision.replay is not None:
             return Response(b"", REPLAY_STATUS, {REPLAY_HEADER: decision.replay})
-        if (
-            decision.outcome is Outcome.OFF_PIN
-            and decision.arrived_by is None  # else forwarded here already: serve
-            and self._network is not None
-        ):
+        if self._network is not None and self._network.takes(decision):
             return self._forwarded(target, decision, self._network)
         if decision.set_cookie is not None:
 
@@ -162,13 +156,11 @@ class StickySessions:
         """The request sent to its machine over the private network, its body streamed
         as it arrives and the answer streamed back; None when it cannot be (then it is
         served here)."""
-        if not network.forwards or decision.pinned_to is None:
-            return None
         scope = target.scope
         path = scope.get("raw_path") or target.path.encode()
         query = scope.get("query_string", b"")
         forwarded = await network.forward(
-            decision.pinned_to,
+            decision,
             target.method,
             (path + b"?" + query if query else path).decode("latin-1"),
             target.headers.items(),
@@ -176,5 +168,5 @@ class StickySessions:
         )
         if forwarded is None:
             return None
-        g.flysticky = dataclasses.replace(decision, outcome=Outcome.FORWARDED)
+        g.flysticky = forwarded.decision
         return Response(forwarded.body, forwarded.status, Headers(forwarded.headers))

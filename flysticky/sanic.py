@@ -21,7 +21,6 @@ method is ``"NONE"`` is Sanic's stand-in for one it could not parse, and left al
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from collections import deque
@@ -205,26 +204,22 @@ class StickySessions:
         request.ctx.flysticky = decision
         if decision.replay is not None:
             return _replay_response(request, decision.replay, is_websocket)
-        if (
-            decision.outcome is Outcome.OFF_PIN
-            and decision.arrived_by is None  # else forwarded here already: serve
-            and self._network is not None
-        ):
-            return _FORWARD if self._network.forwards else None
+        if self._network is not None and self._network.takes(decision):
+            return _FORWARD
         return decision if decision.set_cookie is not None else None
 
     async def _forwarded(self, request: Request, decision: Decision) -> ResponseStream | None:
         """The request sent to its machine over the private network, that machine's
         answer streamed back; None when it cannot be (then it is served here)."""
         network = self._network
-        if network is None or decision.pinned_to is None:
+        if network is None:
             return None
         body: bytes | AsyncIterator[bytes] = request.body
         route = request.route
         if route is not None and hasattr(route.handler, "is_stream"):
             body = _streamed_body(request)
         forwarded = await network.forward(
-            decision.pinned_to,
+            decision,
             request.method,
             request.raw_url.decode("latin-1"),
             request.headers.items(),
@@ -232,7 +227,7 @@ class StickySessions:
         )
         if forwarded is None:
             return None
-        request.ctx.flysticky = dataclasses.replace(decision, outcome=Outcome.FORWARDED)
+        request.ctx.flysticky = forwarded.decision
         answer = forwarded.body
 
         async def relay(stream: Any) -> None:
