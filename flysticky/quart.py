@@ -15,7 +15,6 @@ give the same object.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -28,14 +27,13 @@ from .config import StickyConfig
 from .core import (
     REPLAY_HEADER,
     REPLAY_STATUS,
-    Decider,
     Decision,
     HeaderTable,
     apply_stamp,
-    decider_for,
     join_cookie_headers,
 )
 from .network import PrivateNetwork
+from .serving import Serving
 
 __all__ = ["StickySessions", "current_decision"]
 
@@ -50,10 +48,7 @@ class StickySessions:
 
     def __init__(self, app: Quart | None = None, config: StickyConfig | None = None) -> None:
         self.config = config if config is not None else StickyConfig()
-        self._env_value: str | None = None  # the FLY_MACHINE_ID the decider was made for
-        self._decider: Decider | None = None
-        self._serving = False
-        self._network: PrivateNetwork | None = None
+        self._serving = Serving(self.config)
         if app is not None:
             self.init_app(app)
 
@@ -68,8 +63,8 @@ class StickySessions:
         target: Any = app
         target.preprocess_request = self._preprocessor(app.preprocess_request, False)
         target.preprocess_websocket = self._preprocessor(app.preprocess_websocket, True)
-        app.before_serving(self._start_serving)
-        app.after_serving(self._stop_serving)
+        app.before_serving(self._serving.start)
+        app.after_serving(self._serving.stop)
 
     def _preprocessor(
         self,
@@ -92,41 +87,16 @@ class StickySessions:
 
         return sticky_preprocess
 
-    async def _start_serving(self) -> None:
-        self._serving = False
-        decider = self._current_decider()  # the machine id, read once for the server's life
-        self._network = PrivateNetwork.for_decider(self.config, decider)
-        if self._network is not None:
-            await self._network.start()
-        self._serving = True
-
-    async def _stop_serving(self) -> None:
-        self._serving = False
-        network, self._network = self._network, None
-        if network is not None:
-            await network.stop()
-
     def owner(self, key: str) -> str | None:
         """The machine that owns ``key`` now; None off Fly or while the app's machines
         are not known (then a request with that key is served where it lands)."""
-        decider = self._decider if self._serving else None
-        return decider.owners.owner(key) if decider is not None else None
-
-    def _current_decider(self) -> Decider | None:
-        # A served app reads FLY_MACHINE_ID once, at start. Quart's test client never
-        # starts the app, so there it is read per request (and tests may change it).
-        if self._serving:
-            return self._decider
-        value = os.environ.get("FLY_MACHINE_ID")
-        if value != self._env_value:
-            self._env_value = value
-            self._decider = decider_for(self.config, value)
-        return self._decider
+        return self._serving.owner(key)
 
     def _decide(
         self, target: Any, is_websocket: bool
     ) -> Response | Awaitable[Response | None] | None:
-        decider = self._current_decider()
+        serving = self._serving
+        decider = serving.decider if serving.started else serving.current()
         if decider is None:
             return None
         headers: Headers = target.headers
@@ -137,8 +107,9 @@ class StickySessions:
             return None
         if decision.replay is not None:
             return Response(b"", REPLAY_STATUS, {REPLAY_HEADER: decision.replay})
-        if self._network is not None and self._network.takes(decision):
-            return self._forwarded(target, decision, self._network)
+        network = serving.network
+        if network is not None and network.takes(decision):
+            return self._forwarded(target, decision, network)
         if decision.set_cookie is not None:
 
             async def stamp(
