@@ -34,6 +34,7 @@ from sanic import Request, Sanic
 from sanic.middleware import Middleware, MiddlewareLocation
 from sanic.response import BaseHTTPResponse, HTTPResponse, ResponseStream
 
+from .asgi import websocket_replay
 from .config import StickyConfig
 from .core import (
     REPLAY_HEADER,
@@ -134,15 +135,8 @@ class _AsgiWebsocketReplay(HTTPResponse):
 
     async def send(self, data: Any = None, end_stream: bool | None = None) -> None:
         transport: Any = self.stream.transport  # type: ignore[union-attr]
-        if "websocket.http.response" not in transport.scope.get("extensions", {}):
-            log.warning("this ASGI server cannot send a fly-replay for a websocket; closing")
-            await transport.send({"type": "websocket.close", "code": 1013})
-            return
-        headers = [(name.encode(), value.encode()) for name, value in self.headers.items()]
-        await transport.send(
-            {"type": "websocket.http.response.start", "status": self.status, "headers": headers}
-        )
-        await transport.send({"type": "websocket.http.response.body", "body": b""})
+        # Sanic has read the handshake's websocket.connect already (as its "body").
+        await websocket_replay(transport.scope, None, transport.send, self.headers[REPLAY_HEADER])
 
 
 def _replay_response(request: Request, replay: str, is_websocket: bool) -> HTTPResponse:
