@@ -16,6 +16,10 @@ from flysticky.proxy.flytoml import Autostop
 from flysticky.proxy.machines import Fleet
 
 HERE = Path(__file__).parent
+
+#: tests/apps/sticky.py's frameworks: the Sanic plugin, the Quart extension, and the ASGI
+#: middleware under Starlette, FastAPI and Litestar (served by Hypercorn).
+FRAMEWORKS = ["sanic", "quart", "starlette", "fastapi", "litestar"]
 ECHO = [sys.executable, str(HERE / "apps" / "echo_backend.py")]
 
 

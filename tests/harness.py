@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol
 from flysticky import StickyConfig
 
 # Imported at collection, before any sanic-testing client replaces Sanic.__call__.
-from .asgi_client import LifespanClient, sanic_asgi
+from .asgi_client import LifespanClient, raw_http, sanic_asgi, served
 
 #: A dict, or (name, value) pairs when a header repeats.
 Headers = dict[str, str] | list[tuple[str, str]]
@@ -314,7 +314,66 @@ class QuartHarness:
         )
 
 
-HARNESSES = {"sanic": SanicHarness, "sanic-fast": SanicFastHarness, "quart": QuartHarness}
+def request_path(request: Any) -> str:
+    """The path a skipper or key function reads: ``request.path`` on Sanic and Quart,
+    ``request.url.path`` on Starlette, FastAPI and Litestar."""
+    path = getattr(request, "path", None)
+    return path if isinstance(path, str) else str(request.url.path)
+
+
+class AsgiHarness:
+    """flysticky.asgi on one ASGI framework: driven in-process (httpx, lifespan run) or
+    on a real server started in this process for each request, so that each request's
+    app reads FLY_MACHINE_ID as a starting server does."""
+
+    def __init__(self, framework: str, server: str | None, config: StickyConfig | None) -> None:
+        self.framework = framework
+        self.server = server
+        self.config = config
+        self.ran: list[str] = []
+
+    def _app(self) -> Any:
+        from . import harness_asgi
+
+        return harness_asgi.BUILDERS[self.framework](self.ran, self.config)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        headers: Headers | None = None,
+        body: bytes | None = None,
+    ) -> Reply:
+        self.ran.clear()
+        raw = [(k, v.encode("latin-1")) for k, v in _pairs(headers)]
+        app = self._app()
+        if self.server is None:
+            async with LifespanClient(app) as client:
+                response = await client.request(method, path, headers=raw, content=body)
+        else:
+            async with served(app, self.server) as url:
+                status, pairs, content = await raw_http(url, method, path, raw, body)
+            return Reply(status, pairs, content, list(self.ran))
+        return Reply(
+            response.status_code,
+            list(response.headers.multi_items()),
+            response.content,
+            list(self.ran),
+        )
+
+
+def _asgi(framework: str, server: str | None = None) -> Any:
+    return lambda config: AsgiHarness(framework, server, config)
+
+
+HARNESSES = {
+    "sanic": SanicHarness,
+    "sanic-fast": SanicFastHarness,
+    "quart": QuartHarness,
+    "starlette": _asgi("starlette"),
+    "fastapi-uvicorn": _asgi("fastapi", "uvicorn"),
+    "litestar-hypercorn": _asgi("litestar", "hypercorn"),
+}
 
 
 def all_header_text(reply: Reply) -> Iterable[str]:

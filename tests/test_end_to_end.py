@@ -1,4 +1,5 @@
-"""Stickiness end to end: real Sanic / Quart-on-Hypercorn machines behind the emulator.
+"""Stickiness end to end: real Sanic, Quart, Starlette, FastAPI and Litestar machines (all
+but Sanic on Hypercorn) behind the emulator.
 
 Every client session has its own cookie jar; everything runs on 127.0.0.1 and every
 machine process is stopped by its pid (emulator_fixtures.running asserts it).
@@ -16,13 +17,13 @@ import pytest
 
 from flysticky.proxy.cache import CacheRule
 
-from .emulator_fixtures import HERE, running
+from .emulator_fixtures import FRAMEWORKS, HERE, running
 
 SERVE = [sys.executable, "-m", "flysticky.proxy.serve", "tests.apps.sticky:app"]
 SESSIONS = 50
 REQUESTS = 10
 CACHE = [CacheRule("/", 300, "cookie", "fly-machine-id")]
-pytestmark = pytest.mark.parametrize("framework", ["sanic", "quart"])
+pytestmark = pytest.mark.parametrize("framework", FRAMEWORKS)
 
 
 def fleet_env(framework: str, mode: str = "prefer_instance") -> dict[str, str]:

@@ -18,7 +18,7 @@ from flysticky.owners import Owners
 from flysticky.proxy.dns import InternalDns, Vm
 
 from .conftest import MakeHarness
-from .harness import MACHINE, OTHER
+from .harness import MACHINE, OTHER, request_path
 
 APP = "conf-app"
 STOPPED = "e2865013b05e86"  # deployed, stopped: in all.vms, no private address
@@ -27,7 +27,7 @@ OTHER_ADDRESS = "127.0.0.2"  # on Linux every 127/8 address is loopback
 
 
 def room_key(request: Any) -> str | None:
-    path: str = request.path
+    path = request_path(request)
     return path.removeprefix("/rooms/") if path.startswith("/rooms/") else None
 
 

@@ -16,10 +16,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .emulator_fixtures import running
+from .emulator_fixtures import FRAMEWORKS, running
 from .test_end_to_end import CACHE, SERVE, fleet_env, session
 
-pytestmark = pytest.mark.parametrize("framework", ["sanic", "quart"])
+pytestmark = pytest.mark.parametrize("framework", FRAMEWORKS)
 ROOMS = [f"room-{n}" for n in range(12)]
 REFRESH = 0.3  # discovery's interval on the machines
 

@@ -1,6 +1,7 @@
 """The adapters on real servers, with real clients and raw sockets.
 
-Sanic on its own server and on Uvicorn (ASGI); Quart on Hypercorn and on Uvicorn.
+Sanic on its own server and on Uvicorn (ASGI); Quart on Hypercorn and on Uvicorn; the ASGI
+middleware under Starlette, FastAPI and Litestar on Uvicorn and Hypercorn.
 Websocket handshakes are decided before the upgrade: a replay is an HTTP 307.
 """
 
@@ -39,6 +40,12 @@ SERVERS = {
     "sanic-uvicorn-with-app-hook": ("sanic", UVICORN, True),
     "quart-hypercorn": ("quart", SERVE, False),
     "quart-uvicorn": ("quart", UVICORN, False),
+    # flysticky.asgi: Starlette by its middleware list, FastAPI wrapped, Litestar's plugin.
+    "starlette-uvicorn": ("starlette", UVICORN, False),
+    "fastapi-uvicorn": ("fastapi", UVICORN, False),
+    "fastapi-hypercorn": ("fastapi", SERVE, False),
+    "litestar-hypercorn": ("litestar", SERVE, False),
+    "litestar-uvicorn": ("litestar", UVICORN, False),
 }
 
 

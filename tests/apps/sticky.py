@@ -1,7 +1,8 @@
 """The app the end-to-end tests run on each machine; framework and mode come from the env.
 
-STICKY_FRAMEWORK=sanic|quart, STICKY_MODE=prefer_instance|instance, STICKY_APP_HOOK=1
-adds an app request hook (Sanic). Rooms (``/rooms/<room>``) are routed by key and
+STICKY_FRAMEWORK=sanic|quart|starlette|fastapi|litestar (the last three in
+tests/apps/sticky_asgi.py), STICKY_MODE=prefer_instance|instance, STICKY_APP_HOOK=1 adds an
+app request hook (Sanic). Rooms (``/rooms/<room>``) are routed by key and
 ``mcp-session-id`` by session id; discovery refreshes every STICKY_REFRESH seconds;
 STICKY_FORWARD=0 serves big bodies where they land instead of forwarding them.
 """
@@ -16,14 +17,20 @@ from flysticky import StickyConfig, new_session_id
 MACHINE = os.environ["FLY_MACHINE_ID"]
 
 
+def path_of(request: Any) -> str:
+    """Sanic's and Quart's ``request.path``; Starlette's and Litestar's ``request.url.path``."""
+    path = getattr(request, "path", None)
+    return path if isinstance(path, str) else str(request.url.path)
+
+
 def room_key(request: Any) -> str | None:
-    parts = request.path.split("/")
+    parts = path_of(request).split("/")
     return parts[2] if len(parts) > 2 and parts[1] == "rooms" else None
 
 
 CONFIG = StickyConfig(
     replay_mode=os.environ.get("STICKY_MODE", "prefer_instance"),  # type: ignore[arg-type]
-    skipper=lambda request: request.path == "/health",
+    skipper=lambda request: path_of(request) == "/health",
     key=room_key,
     session_header="mcp-session-id",
     refresh_seconds=float(os.environ.get("STICKY_REFRESH", "5")),
@@ -46,7 +53,9 @@ def whoami(decision: Any, header: Any) -> dict[str, Any]:
 
 
 app: Any
-if os.environ["STICKY_FRAMEWORK"] == "sanic":
+if os.environ["STICKY_FRAMEWORK"] in ("starlette", "fastapi", "litestar"):
+    from .sticky_asgi import app
+elif os.environ["STICKY_FRAMEWORK"] == "sanic":
     from sanic import Request, Sanic, Websocket, json
 
     from flysticky.sanic import StickySessions, current_decision
