@@ -129,9 +129,20 @@ def _litestar_app(ran: list[str], config: StickyConfig | None) -> Any:
         route_handlers=[index, cached, room],
         plugins=[StickySessions(config)],
         before_request=hook,
-        request_max_body_size=8 * 1024 * 1024,
         logging_config=None,  # Litestar's default replaces the root logger's handlers
+        **litestar_body_limit(8 * 1024 * 1024),
     )
+
+
+def litestar_body_limit(size: int) -> dict[str, int]:
+    """Litestar's body limit, where it has one (2.14 added it, 10 MB by default; 2.12 and
+    2.13 take any size)."""
+    import inspect
+
+    from litestar import Litestar
+
+    known = inspect.signature(Litestar).parameters
+    return {"request_max_body_size": size} if "request_max_body_size" in known else {}
 
 
 BUILDERS = {"starlette": _starlette_app, "fastapi": _fastapi_app, "litestar": _litestar_app}

@@ -155,6 +155,7 @@ async def test_the_real_servers_send_the_websocket_replay_as_a_307(
         decision = current_decision(websocket)
         assert decision is not None and decision is websocket.state.flysticky
         await websocket.send_text(decision.outcome.value)
+        await websocket.receive_text()  # Hypercorn 0.16 closes with 1011 on an app's return
 
     app = StickySessions(Starlette(routes=[WebSocketRoute("/ws", echo)]))
     async with served(app, server) as url:
@@ -170,6 +171,7 @@ async def test_the_real_servers_send_the_websocket_replay_as_a_307(
             ws_url, additional_headers={"cookie": f"fly-machine-id={MACHINE}"}
         ) as ws:
             assert await asyncio.wait_for(ws.recv(), 5) == "pinned"
+            await ws.send("bye")
 
 
 async def test_decision_is_request_state_flysticky_on_starlette(on_fly: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from flysticky import Decision, new_session_id
 from flysticky.asgi import StickySessions, current_decision
 
+from ..harness_asgi import litestar_body_limit
 from .sticky import CONFIG, MACHINE, whoami
 
 MAX_BODY = 16 * 1024 * 1024
@@ -163,7 +164,7 @@ def litestar_app() -> Any:
     return Litestar(
         route_handlers=[whoami_route, upload, echo, room, room_ws, mcp],
         plugins=[sticky],
-        request_max_body_size=MAX_BODY,
+        **litestar_body_limit(MAX_BODY),
     )
 
 
