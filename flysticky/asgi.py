@@ -20,9 +20,10 @@ stop it. Other scope types pass through untouched. No framework internals are us
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from .config import StickyConfig
@@ -56,9 +57,14 @@ _STATE_KEY = "flysticky"
 def current_decision(connection: Any) -> Decision | None:
     """The decision flysticky made for a request or websocket: pass the framework's
     request (anything with ``.scope``) or the ASGI scope. None off Fly."""
-    scope = connection if isinstance(connection, MutableMapping) else connection.scope
+    scope = connection if isinstance(connection, Mapping) else getattr(connection, "scope", None)
+    if not isinstance(scope, Mapping):
+        raise TypeError(
+            f"current_decision() takes a request, a websocket or an ASGI scope, "
+            f"not {type(connection).__name__}"
+        )
     state = scope.get("state")
-    return state.get(_STATE_KEY) if state is not None else None
+    return state.get(_STATE_KEY) if isinstance(state, Mapping) else None
 
 
 class _ScopeHeaders(HeaderTable):
@@ -87,11 +93,11 @@ class _RawHeaders:
         self._headers = headers
 
     def get(self, key: str, /) -> str | None:
+        """Every line of the header, joined as one (RFC 9110 5.3: a list header may come
+        as several lines)."""
         name = key.encode("latin-1")
-        for k, v in self._headers:
-            if k.lower() == name:
-                return v.decode("latin-1")
-        return None
+        values = [v.decode("latin-1") for k, v in self._headers if k.lower() == name]
+        return ", ".join(values) if values else None
 
     def add(self, key: str, value: str, /) -> None:
         self._headers.append((key.encode("latin-1"), value.encode("latin-1")))
@@ -103,6 +109,8 @@ class _RawHeaders:
 
 
 _warned_no_denial = False
+#: Once per process: Litestar without the plugin makes one middleware per route.
+_warned_no_lifespan = False
 
 
 async def websocket_replay(scope: Scope, receive: Receive | None, send: Send, replay: str) -> None:
@@ -141,9 +149,31 @@ async def websocket_replay(scope: Scope, receive: Receive | None, send: Send, re
     await send({"type": "websocket.close", "code": RETRY_CLOSE_CODE, "reason": "replay"})
 
 
+def _framework_app(app: Any) -> Any:
+    """The Starlette or Litestar app inside ``app`` and the ASGI wrappers around it
+    (middleware keeps the next app as ``.app``; python-socketio's ASGIApp as
+    ``.other_asgi_app``); ``app`` itself when there is none."""
+    frameworks = tuple(
+        getattr(module, name)
+        for module, name in (
+            (sys.modules.get("starlette.applications"), "Starlette"),
+            (sys.modules.get("litestar.app"), "Litestar"),
+        )
+        if module is not None
+    )
+    found, seen = app, 0
+    while found is not None and seen < 32:
+        if frameworks and isinstance(found, frameworks):
+            return found
+        found = getattr(found, "app", None) or getattr(found, "other_asgi_app", None)
+        seen += 1
+    return app
+
+
 def _connection_for(owner: Any) -> Callable[[Scope, Receive, Send], Any]:
     """What the skipper and the key function get, by the framework of ``owner``:
     Starlette's (and FastAPI's) or Litestar's ``Request``/``WebSocket``, else the scope."""
+    owner = _framework_app(owner)
     starlette = sys.modules.get("starlette.applications")
     if starlette is not None and isinstance(owner, starlette.Starlette):
         from starlette.requests import Request
@@ -178,7 +208,6 @@ class StickySessions:
         self._serving = serving if serving is not None else Serving(self.config)
         self._asks = self.config.skipper is not None or self.config.key is not None
         self._connection: Callable[[Scope, Receive, Send], Any] | None = None
-        self._warned_no_lifespan = False
 
     def owner(self, key: str) -> str | None:
         """The machine that owns ``key`` now; None off Fly or while the app's machines
@@ -192,16 +221,24 @@ class StickySessions:
             decider = serving.decider if serving.started else self._unstarted()
             if decider is not None:
                 raw = scope["headers"]
-                cookie: str | None = None
+                found: bytes | None = None
+                more: list[bytes] | None = None  # a second Cookie line and on: joined once
                 for name, value in raw:
                     if name == b"cookie":
-                        text = value.decode("latin-1")
-                        cookie = text if cookie is None else cookie + "; " + text
+                        if found is None:
+                            found = value
+                        elif more is None:
+                            more = [found, value]
+                        else:
+                            more.append(value)
+                if more is not None:
+                    found = b"; ".join(more)
+                cookie = found.decode("latin-1") if found is not None else None
                 request = self._request(scope, receive, send) if self._asks else None
                 decision = decider.decide(request, cookie, _ScopeHeaders(raw), kind == "websocket")
                 try:
                     scope["state"][_STATE_KEY] = decision
-                except KeyError:
+                except (KeyError, TypeError):  # no state from this server (or None)
                     scope["state"] = {_STATE_KEY: decision}
                 if decision is not decider.pinned:
                     return await self._act(scope, receive, send, decision, decider)
@@ -211,18 +248,24 @@ class StickySessions:
         return await self.app(scope, receive, send)
 
     def _unstarted(self) -> Decider | None:
-        if not self._warned_no_lifespan:
-            self._warned_no_lifespan = True
+        decider = self._serving.current()
+        global _warned_no_lifespan
+        if decider is not None and not _warned_no_lifespan:
+            _warned_no_lifespan = True
+            config = self.config
+            needs_network = (
+                config.key is not None
+                or config.session_header is not None
+                or config.forward_large_bodies
+            )
             log.log(
-                logging.WARNING
-                if self.config.key is not None or self.config.session_header is not None
-                else logging.DEBUG,
+                logging.WARNING if needs_network else logging.DEBUG,
                 "flysticky got a request before any ASGI lifespan startup: FLY_MACHINE_ID "
                 "is read per request and the private network is off (keys are served "
-                "where they land). Serve the app with lifespan on; on Litestar use "
-                "flysticky.litestar.StickySessions.",
+                "where they land, bodies over 1 MiB here). Serve the app with lifespan on; "
+                "on Litestar use the plugin, flysticky.litestar.StickySessions.",
             )
-        return self._serving.current()
+        return decider
 
     def _request(self, scope: Scope, receive: Receive, send: Send) -> Any:
         connection = self._connection
@@ -294,8 +337,14 @@ async def _drain(receive: Receive) -> None:
     """Read a request body nobody will use (at most REPLAY_BODY_LIMIT: a larger one is
     never replayed) before answering: a server that answers while the client still
     sends closes with unread bytes, and the client may get a reset, not the answer."""
-    async for _ in _body(receive):
-        pass
+    with contextlib.suppress(ClientGone):
+        async for _ in _body(receive):
+            pass
+
+
+class ClientGone(ConnectionResetError):
+    """The client left before its body ended: a forward must fail, not end the body short
+    (the other machine would take a truncated upload for a whole one)."""
 
 
 async def _body(receive: Receive) -> AsyncIterator[bytes]:
@@ -303,14 +352,10 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return  # http.disconnect: the client left; the forward fails as it should
+            raise ClientGone("the client disconnected before the end of its body")
         yield message.get("body", b"")
         if not message.get("more_body", False):
             return
-
-
-def _decoded(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
 
 
 async def _forwarded(
@@ -322,9 +367,14 @@ async def _forwarded(
     path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
     query: bytes = scope.get("query_string", b"")
     target = (path + b"?" + query if query else path).decode("latin-1")
-    forwarded = await network.forward(
-        decision, scope["method"], target, _decoded(scope["headers"]), _body(receive)
-    )
+    try:
+        # The forwarder (aiohttp) writes header values as UTF-8: a value that is not UTF-8
+        # cannot go byte for byte, so such a request is served here.
+        headers = [(k.decode(), v.decode()) for k, v in scope["headers"]]
+    except UnicodeDecodeError:
+        log.info("off_pin: a request header is not UTF-8; served here, not forwarded")
+        return False
+    forwarded = await network.forward(decision, scope["method"], target, headers, _body(receive))
     if forwarded is None:
         return False
     scope["state"][_STATE_KEY] = forwarded.decision

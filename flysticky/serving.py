@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from .config import StickyConfig
-from .core import Decider, decider_for
+from .core import Decider, decider_for, log
 from .network import PrivateNetwork
 
 
@@ -39,11 +39,19 @@ class Serving:
         return self.decider
 
     async def start(self) -> None:
+        """Never raises: a private network that cannot start (a malformed
+        FLYSTICKY_RESOLVER, say) is logged and left off, and the app starts without it
+        (an error raised into a server's lifespan would skip the app's own startup)."""
         self.started = False
         decider = self.current()  # the machine id, read once for the server's life
-        network = self.network = PrivateNetwork.for_decider(self.config, decider)
-        if network is not None:
-            await network.start()
+        try:
+            network = PrivateNetwork.for_decider(self.config, decider)
+            if network is not None:
+                await network.start()
+        except Exception:
+            log.exception("flysticky's private network did not start; serving without it")
+            network = None
+        self.network = network
         self.started = True
 
     async def stop(self) -> None:

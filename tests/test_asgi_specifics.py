@@ -209,8 +209,9 @@ async def test_not_on_fly_the_decision_is_none(monkeypatch: pytest.MonkeyPatch) 
 
 
 async def test_without_lifespan_a_warning_says_what_is_off(
-    on_fly: str, caplog: pytest.LogCaptureFixture
+    on_fly: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("flysticky.asgi._warned_no_lifespan", False)
     app = StickySessions(Recorder(), StickyConfig(key=lambda scope: None))
     transport = httpx.ASGITransport(app=app)
     with caplog.at_level(logging.WARNING, logger="flysticky"):
@@ -267,3 +268,76 @@ async def test_litestar_plugin_installs_once(on_fly: str) -> None:
     Litestar(route_handlers=[], plugins=[plugin])
     with pytest.raises(RuntimeError, match="already installed"):
         Litestar(route_handlers=[], plugins=[plugin, plugin])
+
+
+@pytest.mark.parametrize("wrapper", ["socketio", "cors"])
+async def test_the_skipper_finds_starlette_inside_asgi_wrappers(on_fly: str, wrapper: str) -> None:
+    import socketio
+    from starlette.applications import Starlette
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    seen: list[Any] = []
+
+    def skip(request: Any) -> bool:
+        seen.append(request)
+        return bool(request.url.path == "/health")
+
+    async def health(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    api = Starlette(routes=[Route("/health", health)])
+    inner: Any = (
+        socketio.ASGIApp(socketio.AsyncServer(async_mode="asgi"), other_asgi_app=api)
+        if wrapper == "socketio"
+        else CORSMiddleware(api, allow_origins=["*"])
+    )
+    app = StickySessions(inner, StickyConfig(skipper=skip))
+    async with LifespanClient(app) as client:
+        reply = await client.get("/health", headers={"cookie": f"fly-machine-id={OTHER}"})
+    assert (reply.status_code, reply.text) == (200, "ok")
+    assert [type(r) for r in seen] == [Request]
+
+
+@pytest.mark.parametrize("thing", [None, object(), {"state": None}])
+async def test_current_decision_of_something_else(thing: Any) -> None:
+    if isinstance(thing, dict):
+        assert current_decision(thing) is None
+        return
+    with pytest.raises(TypeError, match="a request, a websocket or an ASGI scope"):
+        current_decision(thing)
+
+
+async def test_a_network_that_cannot_start_leaves_the_app_s_startup_alone(
+    on_fly: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    monkeypatch.setenv("FLY_APP_NAME", "conf-app")
+    monkeypatch.setenv("FLYSTICKY_RESOLVER", "127.0.0.1:53x")  # a typo
+    started: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        started.append("app")
+        yield
+
+    async def page(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(current_decision(request).outcome.value)  # type: ignore[union-attr]
+
+    app = StickySessions(
+        Starlette(routes=[Route("/", page)], lifespan=lifespan),
+        StickyConfig(key=lambda request: None),
+    )
+    with caplog.at_level(logging.ERROR, logger="flysticky"):
+        async with LifespanClient(app) as client:
+            assert (await client.get("/")).text == "stamped"
+    assert started == ["app"]
+    assert any("private network did not start" in r.getMessage() for r in caplog.records)

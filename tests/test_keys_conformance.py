@@ -4,6 +4,7 @@ replay forwarded to a real server standing in for the other machine."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from flysticky import REPLAY_BODY_LIMIT, StickyConfig, new_session_id
 from flysticky.owners import Owners
 from flysticky.proxy.dns import InternalDns, Vm
 
+from .asgi_client import LifespanClient
 from .conftest import MakeHarness
 from .harness import MACHINE, OTHER, request_path
 
@@ -264,3 +266,50 @@ async def test_a_dns_answer_without_this_machine_is_not_trusted(
     reply = await make(fleet.config()).request("GET", f"/rooms/{room_owned_by(OTHER, ALL)}")
     assert reply.status == 200
     assert reply.decision["outcome"] == "unowned"
+
+
+@pytest.mark.parametrize("framing", [b"transfer-encoding", b"content-length"])
+async def test_asgi_a_client_gone_mid_upload_sends_no_truncated_body(
+    fleet: Fleet, framing: bytes
+) -> None:
+    from flysticky.asgi import StickySessions
+
+    ran: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            for phase in ("startup", "shutdown"):
+                await receive()
+                await send({"type": f"lifespan.{phase}.complete"})
+            return
+        ran.append(scope["type"])
+
+    sticky = StickySessions(app, StickyConfig(forward_port=fleet.port))
+    value = b"chunked" if framing == b"transfer-encoding" else str(len(BIG)).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/upload",
+        "raw_path": b"/upload",
+        "query_string": b"",
+        "headers": [(b"cookie", f"fly-machine-id={OTHER}".encode()), (framing, value)],
+    }
+    arriving: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b"x" * 65536, "more_body": True},
+        {"type": "http.disconnect"},  # the client left half-way
+    ]
+
+    async def receive() -> dict[str, Any]:
+        if arriving:
+            return arriving.pop(0)
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async with LifespanClient(sticky):  # starts flysticky's private network
+        await asyncio.wait_for(sticky(scope, receive, send), 10)
+    await asyncio.sleep(0.2)
+    assert fleet.seen == []  # the other machine took no truncated body for a whole one
+    assert ran == []  # and it was not served here either
