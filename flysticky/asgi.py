@@ -121,18 +121,7 @@ async def websocket_replay(scope: Scope, receive: Receive | None, send: Send, re
     if receive is not None and (await receive())["type"] != "websocket.connect":
         return  # the client left already
     if _DENIAL in (scope.get("extensions") or {}):
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": REPLAY_STATUS,
-                "headers": [
-                    (REPLAY_HEADER.encode(), replay.encode("latin-1")),
-                    (b"content-length", b"0"),
-                ],
-            }
-        )
-        await send({"type": "websocket.http.response.body", "body": b""})
-        return
+        return await _send_replay(send, replay, "websocket.http.response")
     global _warned_no_denial
     if not _warned_no_denial:
         _warned_no_denial = True
@@ -319,10 +308,12 @@ class StickySessions:
         await self.app(scope, watched_receive, watched_send)
 
 
-async def _send_replay(send: Send, replay: str) -> None:
+async def _send_replay(send: Send, replay: str, kind: str = "http.response") -> None:
+    """The 307 with fly-replay and an empty body: an HTTP response, or (``kind``
+    "websocket.http.response") the websocket denial response."""
     await send(
         {
-            "type": "http.response.start",
+            "type": f"{kind}.start",
             "status": REPLAY_STATUS,
             "headers": [
                 (REPLAY_HEADER.encode(), replay.encode("latin-1")),
@@ -330,7 +321,7 @@ async def _send_replay(send: Send, replay: str) -> None:
             ],
         }
     )
-    await send({"type": "http.response.body", "body": b""})
+    await send({"type": f"{kind}.body", "body": b""})
 
 
 async def _drain(receive: Receive) -> None:
