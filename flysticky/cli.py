@@ -29,6 +29,11 @@ KEYS = (
 #: Up to this many digits, a key's word is a machine's place in the list; longer, or
 #: with a letter, it is the start of an id (ids are hex and often start with digits).
 NUMBER_DIGITS = 3
+#: The template's frameworks (`flysticky demo --framework`), as their names are written.
+FRAMEWORKS = {"sanic": "Sanic", "quart": "Quart", "fastapi": "FastAPI"}
+#: What a framework's demo runs on beyond the proxy extra (which has Sanic, Quart and
+#: Hypercorn): modules that the framework's own extra brings.
+DEMO_NEEDS = {"fastapi": ("fastapi", "uvicorn")}
 #: Terminal keys and the Fleet/Emulator operations they run.
 ACTIONS = {
     "k": "crash",
@@ -153,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the demo app on 3 local machines behind the local Fly proxy"
     )
     _add_proxy_options(demo)
-    demo.add_argument("--framework", choices=("sanic", "quart"), default="sanic")
+    demo.add_argument(
+        "--framework", choices=tuple(FRAMEWORKS), default="sanic", help="default sanic"
+    )
     new = commands.add_parser(
         "new",
         help="generate a ready-to-deploy Fly.io app from the bundled template",
@@ -184,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _needs("cookiecutter", "template")
     if args.command in ("proxy", "demo"):
         _needs("aiohttp", "proxy")
+    if args.command == "demo":
+        for module in DEMO_NEEDS.get(args.framework, ()):
+            _needs(module, args.framework)
     if args.command == "new":
         return _new(args)
     try:
@@ -293,7 +303,7 @@ def _demo(args: argparse.Namespace) -> int:
                 },
             )
         )
-        banner = f"flysticky demo: {args.machines} {args.framework.title()} machines"
+        banner = f"flysticky demo: {args.machines} {FRAMEWORKS[args.framework]} machines"
         return _run(
             args, [sys.executable, "app.py"], project, project / "fly.toml", None, banner=banner
         )

@@ -54,7 +54,7 @@ def browser() -> Iterator[object]:
         browser.close()
 
 
-@pytest.fixture(params=["sanic", "quart"])
+@pytest.fixture(params=["sanic", "quart", "fastapi"])
 def demo(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     port = free_port()
     process = subprocess.Popen(

@@ -141,6 +141,53 @@ def test_proxy_serves_counts_and_stops_every_machine(tmp_path: Path) -> None:
     assert_all_stopped(pids)
 
 
+@pytest.mark.parametrize("framework", ["sanic", "quart", "fastapi"])
+def test_demo_serves_each_framework_and_stops_every_machine(framework: str) -> None:
+    """`flysticky demo --framework X`: the template rendered for X, run as its Dockerfile
+    runs it, on each machine. (tests/test_browser.py drives the page itself.)"""
+    port = free_port()
+    args = ["demo", "--framework", framework, "--port", str(port), "--machines", "2", "--quiet"]
+    process = subprocess.Popen(
+        [*CLI, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pids = machine_pids(port, 2, time.monotonic() + 60)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+            page = response.read().decode()
+            cookies = response.headers.get_all("set-cookie")
+        assert "Visits this session" in page
+        (pin,) = [c.split(";")[0].split("=")[1] for c in cookies if c.startswith("fly-machine-id=")]
+        assert pin in page
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/rooms/lobby", timeout=10) as room:
+            assert json.loads(room.read())["room"] == "lobby"
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    names = {"sanic": "Sanic", "quart": "Quart", "fastapi": "FastAPI"}
+    assert f"flysticky demo: 2 {names[framework]} machines" in err
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    assert_all_stopped(pids)
+
+
+def test_demo_without_its_framework_says_what_to_install() -> None:
+    code = (
+        "import sys; sys.modules['fastapi'] = None\n"
+        "from flysticky.cli import main\n"
+        "sys.exit(main(['demo', '--framework', 'fastapi', '--port', '0']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr == "error: this needs fastapi: pip install 'flysticky[fastapi]'\n"
+    result = run(["demo", "--framework", "django"])
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+    assert "sanic, quart, fastapi" in result.stderr.replace("'", "")
+
+
 def test_ci_runs_the_readme_test_command_verbatim() -> None:
     root = HERE.parent
     readme = root.joinpath("README.md").read_text()
@@ -309,7 +356,7 @@ def test_new_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
         ("_copy_without_render=x", "unknown key '_copy_without_render'"),  # private keys too
         ("=x", "'=x': expected KEY=VALUE, such as framework=quart; the keys are "),
         ("framework", "'framework': expected KEY=VALUE, such as framework=quart; the keys are "),
-        ("framework=django", "framework='django': one of sanic, quart"),
+        ("framework=django", "framework='django': one of sanic, quart, fastapi"),
         ("project_name={{x}}", "project_name='{{x}}': '{{', '{%', '{#' are not allowed"),
         ("project_name={% if %}", "project_name='{% if %}': '{{', '{%', '{#' are not allowed"),
         ("cookie_name=a{#b", "cookie_name='a{#b': '{{', '{%', '{#' are not allowed"),

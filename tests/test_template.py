@@ -44,9 +44,13 @@ OFFERED_PYTHONS: list[str] = json.loads(TEMPLATE.joinpath("cookiecutter.json").r
 ]
 RUNNING_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 MACHINE_ID = "0123456789abcd"
+FRAMEWORKS: list[str] = json.loads(TEMPLATE.joinpath("cookiecutter.json").read_text())["framework"]
+#: The flysticky module each framework's app imports StickySessions from.
+ADAPTERS = {"sanic": "sanic", "quart": "quart", "fastapi": "asgi"}
 VARIANTS = {
     "sanic-default": {"framework": "sanic"},
     "quart-default": {"framework": "quart"},
+    "fastapi-default": {"framework": "fastapi"},
     "sanic-unusual": {
         "framework": "sanic",
         "project_name": 'Ünïcode "Démo" \\ 2',
@@ -64,6 +68,15 @@ VARIANTS = {
         "cookie_name": "__pin's",
         "python_version": "3.11",
         "flysticky_requirement": "flysticky>=0.1",
+    },
+    "fastapi-unusual": {
+        "framework": "fastapi",
+        "project_name": "Fast <API> & {co}",
+        "fly_app_name": "f-a-s-t",
+        "primary_region": "nrt",
+        "cookie_name": "pin|1~x",
+        "python_version": "3.13",
+        "flysticky_requirement": "flysticky~=0.1",
     },
 }
 
@@ -90,16 +103,23 @@ def files_of(directory: Path) -> list[str]:
     return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
 
 
+def test_framework_choices_match_the_apps_in_the_template() -> None:
+    apps = sorted(p.name.removesuffix("_app.py") for p in TEMPLATE.glob("*/*_app.py"))
+    assert apps == sorted(FRAMEWORKS) == sorted(ADAPTERS)
+    tests = sorted(p.name for p in TEMPLATE.glob("*/tests/test_*.py"))
+    assert tests == sorted(["test_page.py", *(f"test_{each}.py" for each in FRAMEWORKS)])
+
+
 def test_only_the_chosen_framework_and_nothing_unrendered(project: Path) -> None:
     framework = answers_of(project)["framework"]
-    other = "quart" if framework == "sanic" else "sanic"
+    others = [other for other in FRAMEWORKS if other != framework]
     names = files_of(project)
     assert "app.py" in names and "tests/test_app.py" in names and ".gitignore" in names
-    assert not any(other in name for name in names)
+    assert not any(other in name for name in names for other in others)
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
     app = project.joinpath("app.py").read_text()
-    assert f"from flysticky.{framework} import StickySessions" in app
-    assert other not in app.lower()
+    assert f"from flysticky.{ADAPTERS[framework]} import StickySessions" in app
+    assert not any(other in app.lower() for other in others)
     for path in project.rglob("*"):
         if path.is_file() and path.name != ".variant.json" and path.suffix != ".whl":
             text = path.read_text()
@@ -117,14 +137,17 @@ def test_flysticky_comes_from_the_answer(project: Path) -> None:
         if not line.startswith("#")
     ]
     dockerfile = project.joinpath("Dockerfile").read_text()
-    if answers.get("flysticky_requirement", "vendor") == "vendor":
+    # Plain uvicorn (the fastapi extra's) serves no websocket without a websocket library.
+    extra = ["websockets>=13"] if framework == "fastapi" else []
+    requirement = answers.get("flysticky_requirement", "vendor")
+    if requirement == "vendor":
         wheel = f"flysticky-{flysticky.__version__}-py3-none-any.whl"
-        assert lines == [f"./vendor/{wheel}[{framework}]"]
+        assert lines == [*extra, f"./vendor/{wheel}[{framework}]"]
         assert files_of(project / "vendor") == [wheel]
         # Docker copies the wheel before the install that needs it.
         assert dockerfile.index("COPY vendor/ vendor/") < dockerfile.index("RUN pip install")
     else:
-        assert lines == [f"flysticky[{framework}]>=0.1"]
+        assert lines == [*extra, f"flysticky[{framework}]{requirement.removeprefix('flysticky')}"]
         assert not project.joinpath("vendor").exists() and "vendor" not in dockerfile
 
 
@@ -452,7 +475,7 @@ def check_as_docker_would(tmp_path: Path, framework: str, python_version: str) -
     assert re.search(r"\d+ passed", result.stdout)
 
 
-@pytest.mark.parametrize("framework", ["sanic", "quart"])
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_installs_from_its_own_files_and_serves_on_this_python(
     tmp_path: Path, framework: str
 ) -> None:
@@ -463,7 +486,7 @@ def test_installs_from_its_own_files_and_serves_on_this_python(
 
 @pytest.mark.template_matrix
 @pytest.mark.parametrize("python_version", OFFERED_PYTHONS)
-@pytest.mark.parametrize("framework", ["sanic", "quart"])
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_installs_from_its_own_files_and_serves_on_every_offered_python(
     tmp_path: Path, framework: str, python_version: str
 ) -> None:
@@ -575,7 +598,7 @@ def test_flysticky_new_uses_the_bundled_template(
         )
         == 2
     )
-    assert "framework='django': one of sanic, quart" in capfd.readouterr().err
+    assert "framework='django': one of sanic, quart, fastapi" in capfd.readouterr().err
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 

@@ -12,12 +12,15 @@ for root in (TEMPLATE.parent.parent, TEMPLATE.parent):
 from flysticky.vendoring import write_wheel  # noqa: E402
 
 framework = {{ cookiecutter.framework | tojson }}
-other = "quart" if framework == "sanic" else "sanic"
 
-Path(f"{framework}_app.py").rename("app.py")
-Path(f"{other}_app.py").unlink()
-Path("tests", f"test_{framework}.py").rename(Path("tests", "test_app.py"))
-Path("tests", f"test_{other}.py").unlink()
+# Each framework offered has its <framework>_app.py and tests/test_<framework>.py.
+for each in sorted(p.name.removesuffix("_app.py") for p in Path().glob("*_app.py")):
+    if each == framework:
+        Path(f"{each}_app.py").rename("app.py")
+        Path("tests", f"test_{each}.py").rename(Path("tests", "test_app.py"))
+    else:
+        Path(f"{each}_app.py").unlink()
+        Path("tests", f"test_{each}.py").unlink()
 
 if {{ cookiecutter.flysticky_requirement | tojson }} == "vendor":
     # Docker's build context is the project: the wheel must be in it, and requirements.txt

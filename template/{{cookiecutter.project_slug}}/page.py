@@ -5,6 +5,7 @@ the memory of the machine that owns them, the page, and where the server listens
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import json
 import logging
@@ -13,13 +14,18 @@ import re
 import secrets
 import socket
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from string import Template
 from typing import Any
 
 SESSION_COOKIE = "demo-session"
 SESSION_MAX_AGE = 6 * 24 * 3600
+#: The largest request body the app takes (flysticky sends one over 1 MiB to its machine
+#: over the private network instead of replaying it).
+REQUEST_MAX_BYTES = 16 * 1024 * 1024
+#: Seconds a stopping server gives requests in flight: well within fly.toml's kill_timeout.
+STOP_GRACE_SECONDS = 5
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 _PAGE = Template((Path(__file__).parent / "templates" / "index.html").read_text())
 
@@ -72,8 +78,8 @@ def outcome(decision: Any) -> str:
 
 
 def session_cookie_options(header: Callable[[str], str | None]) -> dict[str, Any]:
-    """The demo-session cookie's attributes, as both Sanic's add_cookie and Quart's
-    set_cookie take them; Secure when TLS ended at Fly's edge."""
+    """The demo-session cookie's attributes, as Sanic's add_cookie, Quart's set_cookie and
+    Starlette's (FastAPI's) set_cookie all take them; Secure when TLS ended at Fly's edge."""
     https = (header("x-forwarded-proto") or "").split(",")[0].strip() == "https"
     return {"max_age": SESSION_MAX_AGE, "httponly": True, "samesite": "Lax", "secure": https}
 
@@ -149,6 +155,7 @@ REBALANCE_SECONDS = 1.0
 MOVED = 1012  # "service restart": the room has a new owner; reconnect, and get there
 TOO_SLOW = 1013  # "try again later"
 REFUSED = 1008  # "policy violation": a bad name, a full room
+GOING_AWAY = 1001  # the server is stopping; reconnect (with backoff), to a live machine
 
 
 def room_of(path: str) -> str | None:
@@ -392,6 +399,60 @@ async def room_socket(
             task.result()  # a connection error surfaces as the framework expects
     finally:
         rooms.leave(name, member)
+
+
+class OpenSockets:
+    """The websocket handlers running now. A stopping server stops them and closes their
+    sockets with GOING_AWAY, so that pages reconnect, to a live machine. Left open,
+    Hypercorn waits for them past its graceful_timeout (on Python 3.12 it never exits) and
+    Fly kills the machine; Uvicorn closes them itself with 1012, which the page reads as
+    MOVED. Sanic closes them with 1000 on its own."""
+
+    def __init__(self) -> None:
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._none_open = asyncio.Event()
+        self._none_open.set()
+        self.closing = False
+
+    async def close_all(self) -> None:
+        """Stop every handler; wait (STOP_GRACE_SECONDS at most) until its socket is closed."""
+        self.closing = True
+        for task in self._handlers:
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._none_open.wait(), STOP_GRACE_SECONDS)
+
+    async def run(
+        self,
+        handler: Callable[[], Coroutine[Any, Any, None]],
+        close: Callable[[int, str], Awaitable[object]],
+    ) -> None:
+        """Run a websocket handler, given the framework's ``close``; if the server stops
+        meanwhile, stop the handler and close the socket. The handler is a task of its own:
+        close_all cancels it, never the server's task for the connection (Uvicorn would
+        log that as an error)."""
+        if self.closing:
+            await close(GOING_AWAY, "server stopping")
+            return
+        task = asyncio.create_task(handler())
+        self._handlers.add(task)
+        self._none_open.clear()
+        try:
+            await asyncio.wait({task})
+            if task.cancelled():  # by close_all
+                await close(GOING_AWAY, "server stopping")
+            else:
+                task.result()  # the handler's error, if any, goes to the framework
+        except asyncio.CancelledError:
+            # The framework is ending the connection, and the handler with it. The error
+            # raised is the framework's own, which it knows (anyio, under Starlette's
+            # TestClient, tells its cancellations by their message).
+            task.cancel()
+            raise
+        finally:
+            self._handlers.discard(task)
+            if not self._handlers:
+                self._none_open.set()
 
 
 # --- Where the server listens ---------------------------------------------------------------

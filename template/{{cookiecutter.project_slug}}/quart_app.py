@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
 
 from flysticky import StickyConfig
 from flysticky.quart import StickySessions, current_decision
@@ -13,7 +12,7 @@ from quart import Quart, Response, jsonify, request, websocket
 import page
 
 app = Quart(__name__)
-app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
+app.config["MAX_CONTENT_LENGTH"] = page.REQUEST_MAX_BYTES
 sticky = StickySessions(
     app,
     StickyConfig(
@@ -28,42 +27,7 @@ sticky = StickySessions(
 )
 visits = page.Visits()
 rooms = page.Rooms()
-# Seconds a stopping server gives requests in flight: well within fly.toml's kill_timeout.
-GRACE = 5
-
-
-class OpenSockets:
-    """The websocket handlers running now. A stopping server closes them with 1001 (going
-    away) so that pages reconnect, to a live machine; left open, Hypercorn waits for them
-    past its graceful_timeout (on Python 3.12 it never exits) and Fly kills the machine."""
-
-    def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[object]] = set()
-        self.closing = False
-
-    async def close_all(self) -> None:
-        self.closing = True
-        for task in self.tasks:
-            task.cancel()
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=GRACE)
-
-    async def run(self, handler: Callable[[], Awaitable[None]]) -> None:
-        """Run a websocket handler, closing its socket with 1001 if the server stops."""
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
-        try:
-            await handler()
-        except asyncio.CancelledError:
-            if self.closing:
-                await websocket.close(1001, "server stopping")
-            raise
-        finally:
-            self.tasks.discard(task)
-
-
-sockets = OpenSockets()
+open_sockets = page.OpenSockets()
 
 
 def visit() -> tuple[dict[str, object], str | None]:
@@ -111,7 +75,7 @@ async def feed() -> None:
         while True:
             await websocket.send(page.pong(await websocket.receive()))
 
-    await sockets.run(echo)
+    await open_sockets.run(echo, websocket.close)
 
 
 @app.get("/rooms/<room>")
@@ -124,7 +88,7 @@ async def room_info(room: str) -> tuple[Response, int]:
 
 @app.websocket("/rooms/<room>/ws")
 async def room_socket(room: str) -> None:
-    await sockets.run(
+    await open_sockets.run(
         lambda: page.room_socket(
             rooms,
             page.room_of(websocket.path),
@@ -133,7 +97,8 @@ async def room_socket(room: str) -> None:
             websocket.send,
             websocket.receive,
             websocket.close,
-        )
+        ),
+        websocket.close,
     )
 
 
@@ -155,7 +120,7 @@ async def until_stopped() -> None:
     for number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(number, stop.set)
     await stop.wait()
-    await sockets.close_all()
+    await open_sockets.close_all()
 
 
 if __name__ == "__main__":
@@ -168,5 +133,5 @@ if __name__ == "__main__":
     config.bind = [f"fd://{page.listening_socket().detach()}"]
     config.websocket_max_message_size = page.WEBSOCKET_MAX_BYTES
     config.accesslog = None
-    config.graceful_timeout = GRACE
+    config.graceful_timeout = page.STOP_GRACE_SECONDS
     asyncio.run(serve(app, config, shutdown_trigger=until_stopped))  # type: ignore[arg-type]

@@ -10,11 +10,11 @@ from sanic.response import HTTPResponse
 import page
 
 app = Sanic({{ cookiecutter.project_slug | tojson }})
-app.config.REQUEST_MAX_SIZE = 16 * 1024 * 1024
+app.config.REQUEST_MAX_SIZE = page.REQUEST_MAX_BYTES
 app.config.WEBSOCKET_MAX_SIZE = page.WEBSOCKET_MAX_BYTES
 # On SIGINT (fly.toml's kill_signal) Sanic closes open websockets with 1000, so pages
 # reconnect, and gives requests in flight this long: well within fly.toml's kill_timeout.
-app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 5
+app.config.GRACEFUL_SHUTDOWN_TIMEOUT = page.STOP_GRACE_SECONDS
 sticky = StickySessions(
     app,
     StickyConfig(
