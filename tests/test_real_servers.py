@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator
 
 import pytest
+import pytest_asyncio
 import websockets
 from websockets.exceptions import InvalidStatus
 
@@ -49,7 +50,12 @@ SERVERS = {
 }
 
 
-@pytest.fixture(params=sorted(SERVERS))
+# One machine per server for the whole module (each test sends its own requests, and
+# none changes the machine): starting a process per test was most of the suite's time.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=sorted(SERVERS))
 async def machine(request: pytest.FixtureRequest) -> AsyncIterator[Machine]:
     framework, command, hook = SERVERS[request.param]
     env = {"STICKY_FRAMEWORK": framework, "PYTHONPATH": str(HERE.parent)}
