@@ -1,12 +1,15 @@
 """What flysticky costs, against the same app without it, in one interleaved run.
 
-    python -m bench            # full run (about 10 minutes on 2 cores)
+    python -m bench            # full run (about 16 minutes on 2 cores)
     python -m bench --smoke    # seconds: checks that everything runs; figures meaningless
     python -m bench --only moves rooms   # the core decision and the parts named
+    python -m bench --only starlette fastapi   # the ASGI rows (and the core decision)
 
 Servers run pinned to core 0 and wrk to core 1. Each round measures the bare app and
 the app with flysticky back to back (alternating which goes first), for each path;
-medians over rounds are reported. Then the core decision alone (the cookie path and
+medians over rounds are reported. On Starlette and FastAPI the same rounds also measure
+the peer: echofly's way written by hand on Starlette's BaseHTTPMiddleware (bench/peer.py),
+what users of those frameworks run today. Then the core decision alone (the cookie path and
 the key path), the proxy hops per session through the emulator, the keys that move
 when a machine joins a fleet, and rooms (key routes) through the emulator. Results are
 printed and written to bench/results/.
@@ -69,11 +72,16 @@ UVICORN = [
     "warning",
     "--no-access-log",
 ]
+#: name: (BENCH_FRAMEWORK, command, whether the peer (bench/peer.py) runs in its rounds)
 SERVERS = {
-    "Sanic (own server, 1 worker)": ("sanic", SERVE),
-    "Quart on Hypercorn": ("quart", SERVE),
-    "Quart on Uvicorn": ("quart", UVICORN),
+    "Sanic (own server, 1 worker)": ("sanic", SERVE, False),
+    "Quart on Hypercorn": ("quart", SERVE, False),
+    "Quart on Uvicorn": ("quart", UVICORN, False),
+    "Starlette on Uvicorn": ("starlette", UVICORN, True),
+    "FastAPI on Uvicorn": ("fastapi", UVICORN, True),
 }
+#: What each app of a round runs with (BENCH_STICKY): the twin is a second bare app.
+VARIANTS = {"bare": "0", "sticky": "1", "twin": "0", "peer": "peer"}
 PATHS = ("pinned", "replay", "first visit")
 BROWSER_COOKIES = "_ga=GA1.1.12345.67890; theme=dark; csrftoken=abcdefabcdef0123456789"
 
@@ -137,13 +145,13 @@ def wrk(machine: Machine, cookie: str | None, seconds: float, connections: int) 
     return Sample(rps, p50, p99)
 
 
-async def start(framework: str, command: list[str], sticky: bool) -> tuple[Fleet, Machine]:
+async def start(framework: str, command: list[str], variant: str) -> tuple[Fleet, Machine]:
     fleet = Fleet(
         ["taskset", "-c", "0", *command],
-        # One hash seed for both apps: dict layouts then differ only by flysticky.
+        # One hash seed for all the apps: dict layouts then differ only by flysticky.
         env={
             "BENCH_FRAMEWORK": framework,
-            "BENCH_STICKY": "1" if sticky else "0",
+            "BENCH_STICKY": VARIANTS[variant],
             "PYTHONPATH": str(ROOT),
             "PYTHONHASHSEED": "0",
         },
@@ -152,36 +160,48 @@ async def start(framework: str, command: list[str], sticky: bool) -> tuple[Fleet
     return fleet, await fleet.add()
 
 
+def server_runs(args: argparse.Namespace, name: str) -> tuple[int, float]:
+    """Rounds and seconds per sample of a server: the rows with a peer measure four apps
+    a round, not three, and take their own (shorter) settings."""
+    if SERVERS[name][2]:
+        return args.peer_rounds, args.peer_seconds
+    return args.rounds, args.seconds
+
+
 async def server_figures(
-    rounds: int, seconds: float, connections: int, only: list[str]
+    args: argparse.Namespace, names: list[str]
 ) -> dict[tuple[str, str], dict[str, Series]]:
     """Fresh processes every round, so that one lucky or unlucky process (memory
     layout, what else the VM did meanwhile) cannot bias the ratio."""
     results: dict[tuple[str, str], dict[str, Series]] = {}
-    for name, (framework, command) in SERVERS.items():
-        if only and not any(word.lower() in name.lower() for word in only):
-            continue
+    connections = args.connections
+    for name in names:
+        framework, command, with_peer = SERVERS[name]
+        rounds, seconds = server_runs(args, name)
+        # A second bare process (the twin): the pinned path's A/A pair, what the noise
+        # alone gives. The peer last, so that flysticky stays next to its bare app.
+        variants = ["bare", "sticky", "twin", *(["peer"] if with_peer else [])]
         for round_ in range(rounds):
-            bare_fleet, bare = await start(framework, command, sticky=False)
-            sticky_fleet, sticky = await start(framework, command, sticky=True)
-            # A second bare process: the pinned path's A/A pair, what the noise alone gives.
-            twin_fleet, twin = await start(framework, command, sticky=False)
+            fleets: list[Fleet] = []
             try:
-                for machine in (bare, sticky, twin):  # warm up
-                    wrk(machine, cookie_for("pinned", sticky.id), 1, connections)
+                apps: dict[str, Machine] = {}
+                for variant in variants:
+                    fleet, apps[variant] = await start(framework, command, variant)
+                    fleets.append(fleet)
+                # The peer reads the cookie as flysticky does, against its own machine id.
+                pin = {label: apps["peer" if label == "peer" else "sticky"].id for label in apps}
+                for label, machine in apps.items():  # warm up
+                    wrk(machine, cookie_for("pinned", pin[label]), 1, connections)
                 for path in PATHS:
-                    series = results.setdefault(
-                        (name, path), {"bare": Series(), "sticky": Series(), "twin": Series()}
-                    )
-                    # The bare app gets the very same requests; it ignores the cookie.
-                    cookie = cookie_for(path, sticky.id)
-                    order = [("bare", bare), ("sticky", sticky)]
-                    if path == "pinned":
-                        order.append(("twin", twin))
-                    for label, machine in order if round_ % 2 == 0 else order[::-1]:
-                        series[label].samples.append(wrk(machine, cookie, seconds, connections))
+                    series = results.setdefault((name, path), {v: Series() for v in VARIANTS})
+                    # The bare apps get the very same requests; they ignore the cookie.
+                    order = [label for label in apps if path == "pinned" or label != "twin"]
+                    for label in order if round_ % 2 == 0 else order[::-1]:
+                        cookie = cookie_for(path, pin[label])
+                        sample = wrk(apps[label], cookie, seconds, connections)
+                        series[label].samples.append(sample)
             finally:
-                for fleet in (bare_fleet, sticky_fleet, twin_fleet):
+                for fleet in fleets:
                     await fleet.close()
             print(f"  {name}: round {round_ + 1}/{rounds} done", file=sys.stderr, flush=True)
     return results
@@ -455,7 +475,8 @@ def environment() -> str:
     return (
         f"{platform.node()}: {cpu}, {os.cpu_count()} cores, Linux {platform.release()}; "
         f"Python {platform.python_version()}; sanic {version('sanic')}, quart {version('quart')}, "
-        f"hypercorn {version('hypercorn')}, uvicorn {version('uvicorn')}; {wrk_version.strip()}"
+        f"hypercorn {version('hypercorn')}, uvicorn {version('uvicorn')}, "
+        f"starlette {version('starlette')}, fastapi {version('fastapi')}; {wrk_version.strip()}"
     )
 
 
@@ -474,12 +495,21 @@ def report(
         f"Command: `{' '.join(['python -m bench', *args.argv])}`",
     ]
     if servers:
-        lines[-1] += (
-            f" ({args.rounds} rounds x {args.seconds}s per sample, wrk -t1 "
-            f"-c{args.connections}, server on core 0, wrk on core 1, bare and flysticky "
-            "interleaved; medians)"
+        names = list(dict.fromkeys(name for name, _ in servers))
+        runs: dict[tuple[int, float], list[str]] = {}
+        for name in names:
+            runs.setdefault(server_runs(args, name), []).append(name)
+        settings = "; ".join(
+            f"{rounds} rounds x {seconds}s per sample"
+            + (f" ({', '.join(which)})" if len(runs) > 1 else "")
+            for (rounds, seconds), which in runs.items()
         )
-        lines += _server_lines(servers)
+        with_peer = any(SERVERS[name][2] for name in names)
+        lines[-1] += (
+            f" ({settings}; wrk -t1 -c{args.connections}, server on core 0, wrk on core 1, "
+            f"bare and flysticky{' (and the peer)' if with_peer else ''} interleaved; medians)"
+        )
+        lines += _server_lines(servers, with_peer)
     lines += [
         "",
         "## The core decision alone (best of 5)",
@@ -546,7 +576,15 @@ def report(
     return "\n".join(lines) + "\n"
 
 
-def _server_lines(servers: dict[tuple[str, str], dict[str, Series]]) -> list[str]:
+def _ratio(of: Series, to: Series) -> str:
+    """The median of each round's of/to pair, and the range, or "-" without samples."""
+    if not of.samples:
+        return "-"
+    pairs = [a.rps / b.rps for a, b in zip(of.samples, to.samples, strict=True)]
+    return f"{statistics.median(pairs):.3f} [{min(pairs):.2f}-{max(pairs):.2f}]"
+
+
+def _server_lines(servers: dict[tuple[str, str], dict[str, Series]], with_peer: bool) -> list[str]:
     lines = [
         "",
         "## Through each server: app with flysticky against the same app without it",
@@ -555,23 +593,26 @@ def _server_lines(servers: dict[tuple[str, str], dict[str, Series]]) -> list[str
         "so that the VM's drift between rounds cancels out; pooled is all rounds' flysticky",
         "requests over all rounds' bare ones. A/A is a second bare process against the",
         "first, on the pinned path, in the same rounds: the noise a ratio carries.",
+    ]
+    if with_peer:
+        lines += [
+            "The peer is echofly's way written by hand on Starlette's BaseHTTPMiddleware",
+            "(bench/peer.py), in the same rounds: its ratio is peer/bare, the same way.",
+        ]
+    peer_head = ("| peer ratio [range] ", "---:|") if with_peer else ("", "")
+    lines += [
         "",
         "| server | path | req/s bare | req/s flysticky | ratio [range] | pooled "
-        "| A/A [range] | p50 us bare / fs | p99 us bare / fs | p99 ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"{peer_head[0]}| A/A [range] | p50 us bare / fs | p99 us bare / fs | p99 ratio |",
+        f"|---|---|---:|---:|---:|---:|{peer_head[1]}---:|---:|---:|---:|",
     ]
     for (name, path), series in servers.items():
-        bare, sticky, twin = series["bare"], series["sticky"], series["twin"]
-        pairs = [s.rps / b.rps for s, b in zip(sticky.samples, bare.samples, strict=True)]
+        bare, sticky = series["bare"], series["sticky"]
         pooled = sum(s.rps for s in sticky.samples) / sum(b.rps for b in bare.samples)
-        aa = "-"
-        if twin.samples:
-            twins = [t.rps / b.rps for t, b in zip(twin.samples, bare.samples, strict=True)]
-            aa = f"{statistics.median(twins):.3f} [{min(twins):.2f}-{max(twins):.2f}]"
+        peer = f"{_ratio(series['peer'], bare)} | " if with_peer else ""
         lines.append(
             f"| {name} | {path} | {bare.median('rps'):,.0f} | {sticky.median('rps'):,.0f} | "
-            f"{statistics.median(pairs):.3f} [{min(pairs):.2f}-{max(pairs):.2f}] | "
-            f"{pooled:.3f} | {aa} | "
+            f"{_ratio(sticky, bare)} | {pooled:.3f} | {peer}{_ratio(series['twin'], bare)} | "
             f"{bare.median('p50_us'):,.0f} / {sticky.median('p50_us'):,.0f} | "
             f"{bare.median('p99_us'):,.0f} / {sticky.median('p99_us'):,.0f} | "
             f"{sticky.median('p99_us') / bare.median('p99_us'):.3f} |"
@@ -584,6 +625,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few seconds, figures meaningless")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=3)
+    # The servers measured with the peer run four apps a round, not three: shorter samples
+    # keep their rows at about 3 minutes each (4 warm-ups + 10 samples a round).
+    parser.add_argument(
+        "--peer-rounds",
+        type=int,
+        default=None,
+        help="rounds of the servers with the peer (Starlette, FastAPI); default: --rounds",
+    )
+    parser.add_argument(
+        "--peer-seconds", type=float, default=2, help="seconds per sample of those servers"
+    )
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--sessions", type=int, default=60)
     parser.add_argument("--requests", type=int, default=20)
@@ -605,8 +657,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.md")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
+    if args.peer_rounds is None:
+        args.peer_rounds = args.rounds
     if args.smoke:
         args.rounds, args.seconds, args.sessions, args.requests = 1, 1, 6, 4
+        args.peer_rounds, args.peer_seconds = 1, 1
         args.keys, args.users, args.rooms, args.room_requests = 10_000, 12, 4, 3
     only = [word.lower() for word in args.only]
     servers_wanted = [
@@ -629,9 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     servers = {}
     if servers_wanted:
         print("servers (wrk)...", file=sys.stderr)
-        servers = asyncio.run(
-            server_figures(args.rounds, args.seconds, args.connections, args.only)
-        )
+        servers = asyncio.run(server_figures(args, servers_wanted))
     hops = {}
     if "hops" in wanted:
         print("proxy hops...", file=sys.stderr)

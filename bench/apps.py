@@ -1,7 +1,11 @@
 """Hello-world apps for the benchmark, the same app with and without flysticky.
 
-BENCH_FRAMEWORK=sanic|quart, BENCH_STICKY=1 wires StickySessions in,
-BENCH_MODE=prefer_instance|instance. BENCH_ROOMS=1 (with BENCH_STICKY=1) adds
+BENCH_FRAMEWORK=sanic|quart|starlette|fastapi, BENCH_STICKY=1 wires StickySessions in,
+each framework's own way (Starlette: ``Middleware(StickySessions)`` in the app's middleware
+list; FastAPI: ``app.add_middleware(StickySessions)``), BENCH_STICKY=peer (Starlette and
+FastAPI) wires in the peer instead: bench/peer.py, echofly's way written by hand on
+``BaseHTTPMiddleware``. BENCH_MODE=prefer_instance|instance. BENCH_ROOMS=1 (with
+BENCH_STICKY=1, Sanic and Quart) adds
 ``/rooms/<room>``, routed by its room (``StickyConfig(key=room_key)``), which answers
 with the machine that served it, and ``/owner/<room>``, which says who owns a room in
 this machine's view.
@@ -17,6 +21,8 @@ from flysticky import StickyConfig
 from .keys import room_key
 
 STICKY = os.environ.get("BENCH_STICKY") == "1"
+PEER = os.environ.get("BENCH_STICKY") == "peer"
+FRAMEWORK = os.environ.get("BENCH_FRAMEWORK", "sanic")
 # Only when asked: the other apps' route tables stay exactly the bare hello world.
 ROOMS = STICKY and os.environ.get("BENCH_ROOMS") == "1"
 CONFIG = StickyConfig(
@@ -26,7 +32,9 @@ CONFIG = StickyConfig(
 MACHINE = os.environ.get("FLY_MACHINE_ID", "")
 
 app: Any
-if os.environ.get("BENCH_FRAMEWORK", "sanic") == "sanic":
+if PEER and FRAMEWORK not in ("starlette", "fastapi"):
+    raise SystemExit(f"BENCH_STICKY=peer: the peer is a Starlette middleware, not for {FRAMEWORK}")
+if FRAMEWORK == "sanic":
     from sanic import Request, Sanic, text
 
     app = Sanic("bench")
@@ -49,7 +57,7 @@ if os.environ.get("BENCH_FRAMEWORK", "sanic") == "sanic":
         @app.get("/owner/<room>")
         async def sanic_owner(request: Request, room: str) -> Any:
             return text(sanic_sticky.owner(room) or "")
-else:
+elif FRAMEWORK == "quart":
     from quart import Quart
 
     app = Quart("bench")
@@ -72,3 +80,43 @@ else:
         @app.get("/owner/<room>")
         async def quart_owner(room: str) -> str:
             return quart_sticky.owner(room) or ""
+elif FRAMEWORK == "starlette":
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request as StarletteRequest
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def starlette_hello(request: StarletteRequest) -> PlainTextResponse:
+        return PlainTextResponse("Hello, world!")
+
+    middleware = []
+    if STICKY:
+        from flysticky.asgi import StickySessions as AsgiSticky
+
+        middleware.append(Middleware(AsgiSticky, config=CONFIG))
+    elif PEER:
+        from .peer import FlyStickySessions
+
+        middleware.append(Middleware(FlyStickySessions))
+    app = Starlette(routes=[Route("/", starlette_hello)], middleware=middleware)
+elif FRAMEWORK == "fastapi":
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse as FastAPIText
+
+    app = api = FastAPI()
+
+    @api.get("/")
+    async def fastapi_hello() -> FastAPIText:
+        return FastAPIText("Hello, world!")
+
+    if STICKY:
+        from flysticky.asgi import StickySessions as AsgiSticky
+
+        api.add_middleware(AsgiSticky, config=CONFIG)
+    elif PEER:
+        from .peer import FlyStickySessions
+
+        api.add_middleware(FlyStickySessions)
+else:
+    raise SystemExit(f"BENCH_FRAMEWORK={FRAMEWORK}: sanic, quart, starlette or fastapi")
