@@ -222,9 +222,15 @@ class StickySessions:
                             more.append(value)
                 if more is not None:
                     found = b"; ".join(more)
-                cookie = found.decode("latin-1") if found is not None else None
-                request = self._request(scope, receive, send) if self._asks else None
-                decision = decider.decide(request, cookie, _ScopeHeaders(raw), kind == "websocket")
+                ending = decider.pinned_cookie_ending
+                if (
+                    ending is not None
+                    and found is not None
+                    and (found.endswith(ending) or found == decider.pinned_cookie)
+                ):
+                    decision = decider.pinned  # what decide() says, for less
+                else:
+                    decision = self._decide(decider, scope, receive, send, found)
                 try:
                     scope["state"][_STATE_KEY] = decision
                 except (KeyError, TypeError):  # no state from this server (or None)
@@ -235,6 +241,17 @@ class StickySessions:
         if kind == "lifespan":
             return await self._lifespan(scope, receive, send)
         return await self.app(scope, receive, send)
+
+    def _decide(
+        self, decider: Decider, scope: Scope, receive: Receive, send: Send, cookie: bytes | None
+    ) -> Decision:
+        request = self._request(scope, receive, send) if self._asks else None
+        return decider.decide(
+            request,
+            cookie.decode("latin-1") if cookie is not None else None,
+            _ScopeHeaders(scope["headers"]),
+            scope["type"] == "websocket",
+        )
 
     def _unstarted(self) -> Decider | None:
         decider = self._serving.current()

@@ -340,6 +340,14 @@ class Decider:
             if config.key is not None or config.session_header is not None
             else self._decide_by_cookie
         )
+        # The surest sign of ``pinned``, for an adapter that holds the raw Cookie header
+        # (ASGI): the header is exactly our cookie naming this machine, or ends with it
+        # after "; ". ``decide`` gives ``pinned`` for both (its own fast path, a superset),
+        # so the adapter may skip it, and the building of its header lookup. None when
+        # every request must reach ``decide``: a skipper, a key or a session header.
+        plain = self.decide == self._decide_by_cookie and config.skipper is None
+        self.pinned_cookie: bytes | None = self._pin_here.encode() if plain else None
+        self.pinned_cookie_ending: bytes | None = b"; " + self._pin_here.encode() if plain else None
 
     def read_pin(self, cookie_header: str) -> str | None:
         """The machine the Cookie header pins this request to, or None.

@@ -104,6 +104,30 @@ def test_the_fast_path_agrees_with_the_full_reading() -> None:
                     header = f"{before}fly-machine-id={value}{after}{extra}"
                     expected = fresh.read_pin(header) == MACHINE
                     assert (fresh.decide(None, header, {}).outcome is Outcome.PINNED) is expected
+                    raw = header.encode()
+                    assert fresh.pinned_cookie_ending and fresh.pinned_cookie
+                    if raw.endswith(fresh.pinned_cookie_ending) or raw == fresh.pinned_cookie:
+                        assert expected  # the adapters' shortcut never says more than decide
+
+
+@settings(max_examples=2000)
+@given(prefix=st.text(max_size=120))
+def test_a_header_ending_with_our_pin_is_pinned_whatever_comes_before(prefix: str) -> None:
+    fresh = Decider(StickyConfig(), MACHINE)
+    header = f"{prefix}; fly-machine-id={MACHINE}"
+    assert fresh.pinned_cookie_ending is not None
+    assert header.encode().endswith(fresh.pinned_cookie_ending)
+    assert fresh.decide(None, header, {}).outcome is Outcome.PINNED
+
+
+def test_no_shortcut_where_every_request_must_reach_decide() -> None:
+    for config in (
+        StickyConfig(skipper=lambda request: False),
+        StickyConfig(key=lambda request: None),
+        StickyConfig(session_header="mcp-session-id"),
+    ):
+        fresh = Decider(config, MACHINE)
+        assert (fresh.pinned_cookie, fresh.pinned_cookie_ending) == (None, None)
 
 
 def test_duplicate_values_replay_in_a_form_fly_does_not_cache() -> None:
