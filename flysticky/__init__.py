@@ -1,7 +1,9 @@
-"""flysticky: sticky sessions on Fly.io for Sanic and Quart, by cookie and fly-replay.
+"""flysticky: sticky sessions on Fly.io for Sanic, Quart and any ASGI app, by cookie and
+fly-replay.
 
-``import flysticky`` needs neither framework; the adapters live in
-``flysticky.sanic`` and ``flysticky.quart``.
+``import flysticky`` needs no framework; the adapters live in ``flysticky.sanic``,
+``flysticky.quart``, ``flysticky.asgi`` (Starlette, FastAPI, any ASGI app) and
+``flysticky.litestar``.
 """
 
 from .config import StickyConfig

@@ -137,7 +137,7 @@ def _add_proxy_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="flysticky", description="Sticky sessions on Fly.io for Sanic and Quart."
+        prog="flysticky", description="Sticky sessions on Fly.io for Sanic, Quart and any ASGI app."
     )
     commands = parser.add_subparsers(dest="command", required=True)
     proxy = commands.add_parser(
