@@ -2,7 +2,7 @@
 
     nox -l                          # every cell
     nox                             # the whole matrix, one cell at a time, then the table
-    nox -s floors-3.11 latest-3.13  # CI's slice
+    nox -s floors-3.11 latest-adapters  # CI's slice
     nox -s sanic-24.12              # one framework line, on every Python
     nox -t quart                    # every Quart cell
     nox -s matrix-table             # rewrite docs/matrix.md from the cells' last results
@@ -53,6 +53,10 @@ TESTS = [
     "tests/test_asgi_specifics.py",
     "tests/test_socketio.py",
 ]
+#: The adapters' rules on real servers, without the suites that drive a fleet through the
+#: emulator (end to end, Socket.IO, the CLI): CI's newest-Python cell, which the README's
+#: test command and the floors cell leave to it (the whole set runs in `latest` cells).
+ADAPTER_TESTS = [t for t in TESTS if "end_to_end" not in t and "socketio" not in t]
 #: Where aiohttp's and cookiecutter's floors show (`flysticky proxy`, `flysticky new`): in
 #: the floors and latest cells.
 WITH_CLI = [*TESTS, "tests/test_cli.py"]
@@ -201,6 +205,13 @@ def floors_cell(session: nox.Session) -> None:
 def latest(session: nox.Session) -> None:
     """The newest release of everything (Quart 0.23 on Python 3.13)."""
     run_cell(session, {}, tests=WITH_CLI)
+
+
+@nox.session(python=NEWEST, name="latest-adapters", tags=["latest"])
+def latest_adapters(session: nox.Session) -> None:
+    """The newest of everything on the newest Python, the adapter and real-server tests
+    only (CI's slice: the README's test command runs the rest on the newest releases)."""
+    run_cell(session, {}, tests=ADAPTER_TESTS)
 
 
 def _sanic_line(line: str, *, lts: bool) -> None:
