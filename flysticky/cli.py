@@ -354,6 +354,7 @@ async def _serve(
         cwd=cwd,
         echo=not args.quiet,
         private_network=False if args.port_per_machine else None,
+        metrics=config.metrics,
     )
     emulator = Emulator(
         fleet,
@@ -401,6 +402,12 @@ async def _serve(
                 for i, m in enumerate(fleet.machines, 1)
             )
             + _dns_lines(emulator)
+            + (
+                f"  metrics (fly.toml [metrics], as Fly's Prometheus holds them): "
+                f"curl {emulator.url}{ADMIN_PREFIX}/metrics\n"
+                if config.metrics is not None
+                else ""
+            )
             + f"  {KEYS}\n"
             f"  or:   curl -X POST {emulator.url}{ADMIN_PREFIX}/machines/<id>/"
             "crash|stop|suspend|start|restart|destroy\n"

@@ -12,7 +12,7 @@ import aiohttp
 
 from flysticky.proxy.cache import CacheRule
 from flysticky.proxy.emulator import Emulator
-from flysticky.proxy.flytoml import Autostop
+from flysticky.proxy.flytoml import Autostop, Metrics
 from flysticky.proxy.machines import Fleet
 
 HERE = Path(__file__).parent
@@ -45,6 +45,7 @@ async def running(
     autostop: Autostop | None = None,
     idle_after: float = 60.0,
     private_network: bool | None = None,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[tuple[Emulator, aiohttp.ClientSession]]:
     fleet = Fleet(
         command,
@@ -53,6 +54,7 @@ async def running(
         cwd=cwd,
         env=env,
         private_network=private_network,
+        metrics=metrics,
     )
     emulator = Emulator(
         fleet, port=0, cache_rules=cache_rules, autostop=autostop, idle_after=idle_after

@@ -1,4 +1,5 @@
-"""The emulator's admin API, ``/.fly-emulator/...``: list, add and change machines.
+"""The emulator's admin API, ``/.fly-emulator/...``: list, add and change machines, and
+read the fleet's metrics as Fly's Prometheus would hold them (``/metrics``).
 
 Only for the person at this computer: the peer must be loopback, the Host a loopback
 name (a DNS-rebinding page has its own), and nothing a web page can send cross-site
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .machines import Machine, MachineError
+from .metrics import CONTENT_TYPE, exposition, scrape_fleet
 
 if TYPE_CHECKING:
     from .emulator import Emulator
@@ -129,6 +131,12 @@ def add_admin_routes(app: web.Application, emulator: Emulator) -> None:
             return _error(409, str(error))
         return web.json_response({"id": machine.id, "state": machine.facts().state})
 
+    async def metrics(request: web.Request) -> web.Response:
+        scrapes = await scrape_fleet(emulator.client, emulator.fleet)
+        body = exposition(emulator.fleet, scrapes, emulator.stats.proxy_errors)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    app.router.add_get(ADMIN_PREFIX + "/metrics", guarded(metrics))
     app.router.add_get(ADMIN_PREFIX + "/machines", guarded(machines))
     app.router.add_post(ADMIN_PREFIX + "/machines", guarded(add))
     app.router.add_post(ADMIN_PREFIX + "/machines/{id}/{action}", guarded(act))

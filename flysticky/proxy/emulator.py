@@ -230,6 +230,12 @@ class Emulator:
         return f"http://{host}:{self.port}"
 
     @property
+    def client(self) -> aiohttp.ClientSession:
+        """The HTTP client the emulator reaches machines with (started)."""
+        assert self._session is not None, "the emulator is not started"
+        return self._session
+
+    @property
     def dns_address(self) -> tuple[str, int]:
         """Where the fleet's internal DNS answers, UDP and TCP."""
         return self.dns.address

@@ -44,10 +44,39 @@ class Autostop:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """``[metrics]``: where Fly's scraper reads each machine's Prometheus metrics."""
+
+    port: int
+    path: str = "/metrics"
+
+
+@dataclass(frozen=True)
 class FlyToml:
     app: str | None = None
     cache_rules: list[CacheRule] = field(default_factory=list)
     autostop: Autostop = Autostop()
+    metrics: Metrics | None = None
+
+
+def _metrics(data: dict[str, Any]) -> Metrics | None:
+    value = data.get("metrics")
+    if value is None:
+        return None
+    # [metrics] or [[metrics]] (one per process group): the emulator runs one group.
+    entries = value if isinstance(value, list) else [value]
+    if not entries:
+        return None
+    entry = entries[0]
+    if not isinstance(entry, dict):
+        raise FlyTomlError(f"metrics={value!r}: must be a table ([metrics])")
+    port = entry.get("port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise FlyTomlError(f"metrics.port={port!r}: a port from 1 to 65535")
+    path = entry.get("path", "/metrics")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise FlyTomlError(f"metrics.path={path!r}: a path starting with '/'")
+    return Metrics(port, path)
 
 
 def _table(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -124,4 +153,4 @@ def load(path: Path) -> FlyToml:
             "([[http_service.http_options.replay_cache]])"
         )
     rules = [_rule(entry, i) for i, entry in enumerate(entries)]
-    return FlyToml(app, rules, _autostop(service))
+    return FlyToml(app, rules, _autostop(service), _metrics(data))

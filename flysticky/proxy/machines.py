@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..regions import region_problem
+from .flytoml import Metrics
 from .routing import MachineFacts, State
 
 #: Fly's defaults for a machine stop: kill_signal SIGINT, kill_timeout 5 s, then SIGKILL.
@@ -118,6 +119,9 @@ class Machine:
     port: int
     host: str = "127.0.0.1"  # where it listens: $HOST
     private_ip: IPv6Address = field(default_factory=lambda: mapped(IPv4Address("127.0.0.1")))
+    #: Where its metrics are scraped, when the fleet has ``[metrics]``: fly.toml's port on
+    #: its own address, or (no private network) a port of its own.
+    metrics_port: int | None = None
     process: asyncio.subprocess.Process | None = None
     state: State = "stopped"
     counters: Counters = field(default_factory=Counters)
@@ -198,6 +202,7 @@ class Fleet:
         ready_timeout: float = 30.0,
         kill_timeout: float = KILL_TIMEOUT,
         private_network: bool | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not command:
             raise MachineError("no command to run on the machines")
@@ -210,6 +215,8 @@ class Fleet:
         self.regions = list(regions)
         self.cwd = cwd
         self.env = dict(env or {})
+        #: fly.toml's ``[metrics]``: each machine is told where to serve them.
+        self.metrics = metrics
         self.echo = echo
         self.ready_timeout = ready_timeout
         self.kill_timeout = kill_timeout
@@ -273,6 +280,12 @@ class Fleet:
         )
         if self.resolver is not None:
             env["FLYSTICKY_RESOLVER"] = self.resolver
+        if machine.metrics_port is not None:
+            # Not Fly variables: flysticky's metrics endpoint listens where $HOST does, as
+            # the app does, and (no private network) on a port of its own.
+            env["FLYSTICKY_METRICS_HOST"] = machine.host
+            if self.metrics is not None and machine.metrics_port != self.metrics.port:
+                env["FLYSTICKY_METRICS_PORT"] = str(machine.metrics_port)
         return env
 
     def _argv(self, machine: Machine) -> list[str]:
@@ -303,8 +316,12 @@ class Fleet:
             machine = Machine(
                 new_machine_id(), region, self.internal_port, str(address), mapped(address)
             )
+            if self.metrics is not None:
+                machine.metrics_port = self.metrics.port
         else:
             machine = Machine(new_machine_id(), region, free_port(), private_ip=mapped(address))
+            if self.metrics is not None:
+                machine.metrics_port = free_port()
         self.machines.append(machine)
         try:
             await self.start(machine)

@@ -275,11 +275,7 @@ def _cached(
     key = rule.key(request.headers) if rule is not None else None
     if rule is None or not key:
         return _forgetting(request, fleet, CacheUpdate(forget_paths=forget_paths), extra)
-    bypass = (
-        rule.allow_bypass
-        and request.headers.get("fly-replay-cache-control", "").strip().lower() == "skip"
-    )
-    machine_id = None if bypass else cache.lookup_session(rule, key)
+    machine_id = None if _bypassed(rule, request) else cache.lookup_session(rule, key)
     if machine_id is None:
         return _forgetting(request, fleet, CacheUpdate(forget_paths=forget_paths), extra)
     machine = fleet.get(machine_id)
@@ -294,6 +290,13 @@ def _cached(
         )
     update = CacheUpdate(forget_session=(rule, key), forget_paths=forget_paths)
     return _forgetting(request, fleet, update, extra)
+
+
+def _bypassed(rule: CacheRule, request: RequestFacts) -> bool:
+    return (
+        rule.allow_bypass
+        and request.headers.get("fly-replay-cache-control", "").strip().lower() == "skip"
+    )
 
 
 def _forgetting(
@@ -344,7 +347,9 @@ def route_replay(
     rule = cache.rule_for(request.host, request.path)
     session = None
     if rule is not None:
-        added.append(("fly-replay-cache-status", "miss"))
+        # The cache was not asked (the client's fly-replay-cache-control: skip, where the
+        # rule allows it) or had no entry.
+        added.append(("fly-replay-cache-status", "bypass" if _bypassed(rule, request) else "miss"))
         key = rule.key(request.headers)
         if key and replay.cacheable:
             session = (rule, key, machine.id)

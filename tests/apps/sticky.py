@@ -4,7 +4,8 @@ STICKY_FRAMEWORK=sanic|quart|starlette|fastapi|litestar (the last three in
 tests/apps/sticky_asgi.py), STICKY_MODE=prefer_instance|instance, STICKY_APP_HOOK=1 adds an
 app request hook (Sanic). Rooms (``/rooms/<room>``) are routed by key and
 ``mcp-session-id`` by session id; discovery refreshes every STICKY_REFRESH seconds;
-STICKY_FORWARD=0 serves big bodies where they land instead of forwarding them.
+STICKY_FORWARD=0 serves big bodies where they land instead of forwarding them;
+STICKY_METRICS_PORT serves flysticky's metrics on that port.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ CONFIG = StickyConfig(
     session_header="mcp-session-id",
     refresh_seconds=float(os.environ.get("STICKY_REFRESH", "5")),
     forward_large_bodies=os.environ.get("STICKY_FORWARD", "1") == "1",
+    metrics_port=int(os.environ["STICKY_METRICS_PORT"])
+    if "STICKY_METRICS_PORT" in os.environ
+    else None,
 )
 
 
