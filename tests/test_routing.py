@@ -250,6 +250,23 @@ def test_session_cache_remembers_plain_replays_and_hits_later() -> None:
     assert isinstance(decision, Deliver) and decision.cache.remember_session is None
 
 
+def test_a_bypassed_cache_says_bypass_on_the_replayed_request() -> None:
+    rule = CacheRule("/", 300, "cookie", "fly-machine-id", allow_bypass=True)
+    store = cache(rule)
+    store.remember_session(rule, B, B)
+    skip = request(cookie=f"fly-machine-id={B}", fly_replay_cache_control="skip")
+    landed = route_request(skip, THREE, store)
+    assert isinstance(landed, Deliver) and not landed.cache_hit
+    decision = replay_from(A, parse_header(f"prefer_instance={B}"), req=skip, cache=store)
+    assert isinstance(decision, Deliver)
+    assert ("fly-replay-cache-status", "bypass") in decision.set_headers
+    # Without allow_bypass the client's skip is not obeyed: a miss, as any replay.
+    strict = CacheRule("/", 300, "cookie", "fly-machine-id")
+    decision = replay_from(A, parse_header(f"prefer_instance={B}"), req=skip, cache=cache(strict))
+    assert isinstance(decision, Deliver)
+    assert ("fly-replay-cache-status", "miss") in decision.set_headers
+
+
 def test_cache_entry_for_a_destroyed_machine_is_forgotten() -> None:
     rule = CacheRule("/", 300, "cookie", "k")
     store = cache(rule)
