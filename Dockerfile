@@ -31,7 +31,9 @@ COPY --from=generate /out/flysticky_demo/ ./
 RUN useradd --system --uid 10001 --no-create-home app
 USER 10001
 
-EXPOSE 8080
-# Sanic's own server, one process, on 0.0.0.0:$PORT (see app.py). It stops on fly.toml's
-# kill_signal, closing open websockets, well within kill_timeout.
+# 9091: flysticky's metrics, which Fly scrapes (fly.toml [metrics]).
+EXPOSE 8080 9091
+# Sanic's own server, one process, on port $PORT of every IPv4 and IPv6 address (see
+# page.listening_socket). It stops on fly.toml's kill_signal, closing open websockets,
+# well within kill_timeout.
 CMD ["python", "app.py"]

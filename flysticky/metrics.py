@@ -37,6 +37,8 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 #: A scrape request's head may be no larger, nor take longer to arrive.
 _HEAD_LIMIT = 16 * 1024
 _HEAD_SECONDS = 10.0
+#: Connections served at once; more are closed at once (a scraper needs one or two).
+_MAX_CONNECTIONS = 32
 
 _OUTCOMES = tuple(o.value for o in Outcome if o is not Outcome.FORWARDED)
 _ROUTES = ("cookie", "key", "session")
@@ -123,6 +125,7 @@ class MetricsServer:
         self._registry = registry
         self._path = path.encode("ascii")
         self._server: asyncio.Server | None = None
+        self._open = 0
 
     @classmethod
     async def start(
@@ -170,7 +173,10 @@ class MetricsServer:
         return generate_latest(self._registry) + generate_latest(REGISTRY)
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open += 1
         try:
+            if self._open > _MAX_CONNECTIONS:
+                return
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _HEAD_SECONDS)
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
@@ -193,6 +199,7 @@ class MetricsServer:
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
         finally:
+            self._open -= 1
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()

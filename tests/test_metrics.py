@@ -238,6 +238,26 @@ async def test_garbage_slow_and_huge_requests_are_closed(
         await serving.stop()
 
 
+async def test_idle_connections_beyond_the_limit_are_closed_at_once(
+    on_fly: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("flysticky.metrics._MAX_CONNECTIONS", 4)
+    port = free_port()
+    serving = Serving(StickyConfig(metrics_port=port))
+    await serving.start()
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, not held
+        writer.close()
+        for _, idle_writer in idle:
+            idle_writer.close()
+        await asyncio.sleep(0.1)
+        assert (await get(f"http://127.0.0.1:{port}/metrics"))[0] == 200
+    finally:
+        await serving.stop()
+
+
 async def test_a_second_process_finds_the_port_taken_and_says_so(
     on_fly: None, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -31,6 +31,7 @@ from websockets.sync.client import connect
 
 import flysticky
 from flysticky.cli import main as flysticky_main
+from flysticky.proxy.flytoml import Metrics
 from flysticky.proxy.flytoml import load as load_fly_toml
 from flysticky.vendoring import write_wheel
 
@@ -142,12 +143,15 @@ def test_flysticky_comes_from_the_answer(project: Path) -> None:
     requirement = answers.get("flysticky_requirement", "vendor")
     if requirement == "vendor":
         wheel = f"flysticky-{flysticky.__version__}-py3-none-any.whl"
-        assert lines == [*extra, f"./vendor/{wheel}[{framework}]"]
+        assert lines == [*extra, f"./vendor/{wheel}[{framework},metrics]"]
         assert files_of(project / "vendor") == [wheel]
         # Docker copies the wheel before the install that needs it.
         assert dockerfile.index("COPY vendor/ vendor/") < dockerfile.index("RUN pip install")
     else:
-        assert lines == [*extra, f"flysticky[{framework}]{requirement.removeprefix('flysticky')}"]
+        assert lines == [
+            *extra,
+            f"flysticky[{framework},metrics]{requirement.removeprefix('flysticky')}",
+        ]
         assert not project.joinpath("vendor").exists() and "vendor" not in dockerfile
 
 
@@ -213,6 +217,12 @@ def test_fly_toml_holds_what_flyctl_knows_and_fly_requires(project: Path) -> Non
     emulated = load_fly_toml(project / "fly.toml")  # what the local emulator honours
     assert emulated.cache_rules[0].name == rule["name"]
     assert emulated.autostop.stop == "suspend"
+    # Fly scrapes flysticky's metrics where the app serves them.
+    assert config["metrics"] == {"port": 9091, "path": "/metrics"}
+    assert emulated.metrics == Metrics(9091, "/metrics")
+    page = project.joinpath("page.py").read_text()
+    assert re.search(r"^METRICS_PORT = (\d+)$", page, re.M).group(1) == "9091"  # type: ignore[union-attr]
+    assert "metrics_port=page.METRICS_PORT" in project.joinpath("app.py").read_text()
 
 
 def test_default_fly_app_name_is_unique_and_the_readme_points_at_it(tmp_path: Path) -> None:

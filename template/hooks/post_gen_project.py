@@ -27,4 +27,4 @@ if {{ cookiecutter.flysticky_requirement | tojson }} == "vendor":
     # names it relative to the project, where `pip install -r` and the Dockerfile run.
     wheel = write_wheel(Path("vendor"))
     with open("requirements.txt", "a") as requirements:
-        requirements.write(f"./vendor/{wheel.name}[{framework}]\n")
+        requirements.write(f"./vendor/{wheel.name}[{framework},metrics]\n")

@@ -26,6 +26,8 @@ SESSION_MAX_AGE = 6 * 24 * 3600
 REQUEST_MAX_BYTES = 16 * 1024 * 1024
 #: Seconds a stopping server gives requests in flight: well within fly.toml's kill_timeout.
 STOP_GRACE_SECONDS = 5
+#: flysticky's metrics port: fly.toml's [metrics] port (`flysticky check` compares them).
+METRICS_PORT = 9091
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 _PAGE = Template((Path(__file__).parent / "templates" / "index.html").read_text())
 

@@ -23,6 +23,9 @@ sticky = StickySessions(
         # Every deployed machine owns rooms, suspended ones too (fly.toml suspends idle
         # machines): a suspended owner keeps its rooms in memory, and a replay resumes it.
         owners="all",
+        # Replays, re-pins and replay-cache hits as Prometheus metrics on a port of their
+        # own, where fly.toml's [metrics] has Fly scrape them (grafana/flysticky.json).
+        metrics_port=page.METRICS_PORT,
     ),
 )
 visits = page.Visits()
