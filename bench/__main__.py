@@ -1,13 +1,14 @@
 """What flysticky costs, against the same app without it, in one interleaved run.
 
-    python -m bench            # full run (about 16 minutes on 2 cores)
+    python -m bench            # full run (about 18 minutes on 2 cores)
     python -m bench --smoke    # seconds: checks that everything runs; figures meaningless
     python -m bench --only moves rooms   # the core decision and the parts named
     python -m bench --only starlette fastapi   # the ASGI rows (and the core decision)
 
 Servers run pinned to core 0 and wrk to core 1. Each round measures the bare app and
 the app with flysticky back to back (alternating which goes first), for each path;
-medians over rounds are reported. On Starlette and FastAPI the same rounds also measure
+medians over rounds are reported. A third app, flysticky with its metrics on, is measured
+on the pinned path in the same rounds. On Starlette and FastAPI the same rounds also measure
 the peer: echofly's way written by hand on Starlette's BaseHTTPMiddleware (bench/peer.py),
 what users of those frameworks run today. Then the core decision alone (the cookie path and
 the key path), the proxy hops per session through the emulator, the keys that move
@@ -43,7 +44,7 @@ from flysticky import Decider, StickyConfig
 from flysticky.owners import Owners
 from flysticky.proxy import flytoml
 from flysticky.proxy.emulator import Emulator
-from flysticky.proxy.machines import Counters, Fleet, Machine
+from flysticky.proxy.machines import Counters, Fleet, Machine, free_port
 
 from .keys import ROOMS_PREFIX, room_key
 
@@ -80,9 +81,12 @@ SERVERS = {
     "Starlette on Uvicorn": ("starlette", UVICORN, True),
     "FastAPI on Uvicorn": ("fastapi", UVICORN, True),
 }
-#: What each app of a round runs with (BENCH_STICKY): the twin is a second bare app.
-VARIANTS = {"bare": "0", "sticky": "1", "twin": "0", "peer": "peer"}
+#: What each app of a round runs with (BENCH_STICKY): the twin is a second bare app; the
+#: metered app is flysticky with its metrics on (StickyConfig.metrics_port).
+VARIANTS = {"bare": "0", "sticky": "1", "metered": "1", "twin": "0", "peer": "peer"}
 PATHS = ("pinned", "replay", "first visit")
+#: The row of the metered app: the pinned path, every request of every session, counted.
+METERED_PATH = "pinned, metrics on"
 BROWSER_COOKIES = "_ga=GA1.1.12345.67890; theme=dark; csrftoken=abcdefabcdef0123456789"
 
 
@@ -146,17 +150,16 @@ def wrk(machine: Machine, cookie: str | None, seconds: float, connections: int) 
 
 
 async def start(framework: str, command: list[str], variant: str) -> tuple[Fleet, Machine]:
-    fleet = Fleet(
-        ["taskset", "-c", "0", *command],
-        # One hash seed for all the apps: dict layouts then differ only by flysticky.
-        env={
-            "BENCH_FRAMEWORK": framework,
-            "BENCH_STICKY": VARIANTS[variant],
-            "PYTHONPATH": str(ROOT),
-            "PYTHONHASHSEED": "0",
-        },
-        cwd=ROOT,
-    )
+    # One hash seed for all the apps: dict layouts then differ only by flysticky.
+    env = {
+        "BENCH_FRAMEWORK": framework,
+        "BENCH_STICKY": VARIANTS[variant],
+        "PYTHONPATH": str(ROOT),
+        "PYTHONHASHSEED": "0",
+    }
+    if variant == "metered":
+        env["BENCH_METRICS_PORT"] = str(free_port())
+    fleet = Fleet(["taskset", "-c", "0", *command], env=env, cwd=ROOT)
     return fleet, await fleet.add()
 
 
@@ -180,7 +183,7 @@ async def server_figures(
         rounds, seconds = server_runs(args, name)
         # A second bare process (the twin): the pinned path's A/A pair, what the noise
         # alone gives. The peer last, so that flysticky stays next to its bare app.
-        variants = ["bare", "sticky", "twin", *(["peer"] if with_peer else [])]
+        variants = ["bare", "sticky", "metered", "twin", *(["peer"] if with_peer else [])]
         for round_ in range(rounds):
             fleets: list[Fleet] = []
             try:
@@ -189,17 +192,30 @@ async def server_figures(
                     fleet, apps[variant] = await start(framework, command, variant)
                     fleets.append(fleet)
                 # The peer reads the cookie as flysticky does, against its own machine id.
-                pin = {label: apps["peer" if label == "peer" else "sticky"].id for label in apps}
+                pin = {
+                    label: apps[label if label in ("peer", "metered") else "sticky"].id
+                    for label in apps
+                }
                 for label, machine in apps.items():  # warm up
                     wrk(machine, cookie_for("pinned", pin[label]), 1, connections)
                 for path in PATHS:
                     series = results.setdefault((name, path), {v: Series() for v in VARIANTS})
                     # The bare apps get the very same requests; they ignore the cookie.
-                    order = [label for label in apps if path == "pinned" or label != "twin"]
+                    order = [
+                        label
+                        for label in apps
+                        if path == "pinned" or label not in ("twin", "metered")
+                    ]
                     for label in order if round_ % 2 == 0 else order[::-1]:
                         cookie = cookie_for(path, pin[label])
                         sample = wrk(apps[label], cookie, seconds, connections)
                         series[label].samples.append(sample)
+                    if path == "pinned":
+                        results[name, METERED_PATH] = {
+                            **series,
+                            "sticky": series["metered"],
+                            "peer": Series(),
+                        }
             finally:
                 for fleet in fleets:
                     await fleet.close()
@@ -593,6 +609,8 @@ def _server_lines(servers: dict[tuple[str, str], dict[str, Series]], with_peer: 
         "so that the VM's drift between rounds cancels out; pooled is all rounds' flysticky",
         "requests over all rounds' bare ones. A/A is a second bare process against the",
         "first, on the pinned path, in the same rounds: the noise a ratio carries.",
+        f'"{METERED_PATH}" is a third app, flysticky with StickyConfig.metrics_port set',
+        "(decisions counted, the endpoint served), against the same bare app, same rounds.",
     ]
     if with_peer:
         lines += [
