@@ -333,12 +333,11 @@ _CACHE_STATUS = CACHE_STATUS_HEADER.encode()
 
 
 def _count_pinned(tally: Tally, raw: list[tuple[bytes, bytes]]) -> None:
-    """What the counting ``decide`` counts, for a pinned decision made without it."""
-    tally.pinned += 1
+    """Count a pinned decision made without ``decide``, with the cache status it carries."""
     for name, value in raw:
         if name == _CACHE_STATUS:
-            tally.arrived(value.decode("latin-1"))
-            return
+            return tally.count_pinned(value.decode("latin-1"))
+    return tally.count_pinned(None)
 
 
 async def _send_replay(send: Send, replay: str, kind: str = "http.response") -> None:

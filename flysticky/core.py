@@ -172,6 +172,13 @@ class Tally:
         if decision.outcome is Outcome.REPINNED and decision.arrived_by is not None:
             self.repins[decision.arrived_by] = self.repins.get(decision.arrived_by, 0) + 1
 
+    def count_pinned(self, cache_status: str | None) -> None:
+        """Count what the counting ``decide`` counts for a pinned decision an adapter made
+        without it (the raw-cookie shortcut), given the request's CACHE_STATUS_HEADER."""
+        self.pinned += 1
+        if cache_status is not None:
+            self.arrived(cache_status)
+
     def arrived(self, cache_status: str) -> None:
         status = cache_status.strip().lower()
         if status not in CACHE_STATUSES:
@@ -398,8 +405,11 @@ class Decider:
         plain = self.decide == self._decide_by_cookie and config.skipper is None
         self.pinned_cookie: bytes | None = self._pin_here.encode() if plain else None
         self.pinned_cookie_ending: bytes | None = b"; " + self._pin_here.encode() if plain else None
+        #: The same, for an adapter that holds the Cookie header as text (Sanic).
+        self.pinned_cookie_text: str | None = self._pin_here if plain else None
+        self.pinned_cookie_text_ending: str | None = "; " + self._pin_here if plain else None
         #: Where decisions are counted (metrics on), or None. An adapter that gives
-        #: ``pinned`` without ``decide`` counts it: ``tally.pinned`` and the cache status.
+        #: ``pinned`` without ``decide`` counts it: ``Tally.count_pinned``.
         self.tally = tally
         if tally is not None:
             self.decide = self._counting(self.decide, tally)

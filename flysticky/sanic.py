@@ -36,6 +36,7 @@ from sanic.response import BaseHTTPResponse, HTTPResponse, ResponseStream
 from .asgi import websocket_replay
 from .config import StickyConfig
 from .core import (
+    CACHE_STATUS_HEADER,
     REPLAY_HEADER,
     REPLAY_STATUS,
     Decider,
@@ -53,7 +54,28 @@ _WRAPPED = "__flysticky_wrapped__"
 #: Sanic's Header class defines __getattr__, which makes every method lookup on it
 #: slow; the multidict method called directly, with a ready-folded key, is not.
 _COOKIE = istr("cookie")
+_CACHE_STATUS = istr(CACHE_STATUS_HEADER)
 _getall = CIMultiDict.getall
+_getone = CIMultiDict.get
+
+
+def _decided(decider: Decider, request: Request, is_websocket: bool) -> Decision:
+    """The decision for ``request``. A Cookie header that surely pins it here (see
+    Decider.pinned_cookie_text) is ``pinned`` without ``decide``."""
+    headers = request.headers
+    values = _getall(headers, _COOKIE, None)
+    cookie = values[0] if values is not None and len(values) == 1 else join_cookie_headers(values)
+    ending = decider.pinned_cookie_text_ending
+    if (
+        ending is not None
+        and cookie is not None
+        and (cookie.endswith(ending) or cookie == decider.pinned_cookie_text)
+    ):
+        tally = decider.tally
+        if tally is not None:
+            tally.count_pinned(_getone(headers, _CACHE_STATUS, None))
+        return decider.pinned
+    return decider.decide(request, cookie, headers, is_websocket)
 
 
 async def _stamped(response: Any, decision: Decision) -> Any:
@@ -246,9 +268,7 @@ class StickySessions:
             return None  # decided already, by this middleware in another chain
         handler = request.route.handler if request.route is not None else None
         is_websocket = hasattr(handler, "is_websocket")
-        headers = request.headers
-        cookie = join_cookie_headers(_getall(headers, _COOKIE, None))
-        decision = decider.decide(request, cookie, headers, is_websocket)
+        decision = _decided(decider, request, is_websocket)
         verdict = self._apply(request, decision, is_websocket)
         if verdict is _FORWARD:
             # Sanic sends a ResponseStream a middleware returns, as it sends a handler's;
@@ -293,9 +313,7 @@ class StickySessions:
                     if info.hooked:
                         verdict = plugin._hooked_verdict(request)
                     else:
-                        headers = request.headers
-                        cookie = join_cookie_headers(_getall(headers, _COOKIE, None))
-                        decision = decider.decide(request, cookie, headers, is_websocket)
+                        decision = _decided(decider, request, is_websocket)
                         if decision is plugin._implicit:
                             return handler(request, *args, **kwargs)
                         verdict = plugin._apply(request, decision, is_websocket)
@@ -318,9 +336,7 @@ class StickySessions:
                     if info.hooked:
                         verdict = plugin._hooked_verdict(request)
                     else:
-                        headers = request.headers
-                        cookie = join_cookie_headers(_getall(headers, _COOKIE, None))
-                        decision = decider.decide(request, cookie, headers, is_websocket)
+                        decision = _decided(decider, request, is_websocket)
                         if decision is plugin._implicit:
                             return handler(request)
                         verdict = plugin._apply(request, decision, is_websocket)

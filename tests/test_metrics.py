@@ -4,7 +4,7 @@ the same in every adapter, and read through the emulator as Fly's Prometheus wou
 End to end: real machines of each framework behind the emulator with a replay cache,
 each machine's endpoint scraped over HTTP and parsed with prometheus-client's parser;
 what they count must equal what the clients sent and what the emulator saw, before and
-after a machine is destroyed.
+after a machine is destroyed and after one crashes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import uuid
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -306,8 +307,37 @@ async def test_counts_survive_a_server_restart(on_fly: None) -> None:
         await serving.stop()
 
 
-async def test_asgi_pinned_shortcut_counts_as_decide_does(on_fly: None) -> None:
-    """The ASGI adapter's raw-cookie shortcut skips decide(): it must count the same."""
+def plain_app(framework: str, config: StickyConfig) -> Any:
+    """A hello world with flysticky, each framework's way, for LifespanClient."""
+    if framework == "sanic":
+        from sanic import Sanic, text
+
+        from flysticky.sanic import StickySessions as SanicSticky
+
+        from .asgi_client import sanic_asgi
+
+        Sanic.test_mode = True  # many apps start in one process (see tests/harness.py)
+        sanic_app = Sanic(f"metrics_{uuid.uuid4().hex[:8]}")
+
+        @sanic_app.get("/")
+        async def sanic_hello(request: Any) -> Any:
+            return text("hi")
+
+        SanicSticky(sanic_app, config)
+        return sanic_asgi(sanic_app)
+    if framework == "quart":
+        from quart import Quart
+
+        from flysticky.quart import StickySessions as QuartSticky
+
+        quart_app = Quart("metrics")
+
+        @quart_app.get("/")
+        async def quart_hello() -> str:
+            return "hi"
+
+        QuartSticky(quart_app, config)
+        return quart_app
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.responses import PlainTextResponse
@@ -315,27 +345,40 @@ async def test_asgi_pinned_shortcut_counts_as_decide_does(on_fly: None) -> None:
 
     from flysticky.asgi import StickySessions
 
-    from .asgi_client import LifespanClient
-
     async def hello(request: Any) -> PlainTextResponse:
         return PlainTextResponse("hi")
 
-    port = free_port()
-    app = Starlette(
-        routes=[Route("/", hello)],
-        middleware=[Middleware(StickySessions, config=StickyConfig(metrics_port=port))],
+    return Starlette(
+        routes=[Route("/", hello)], middleware=[Middleware(StickySessions, config=config)]
     )
-    async with LifespanClient(app) as client:
+
+
+@pytest.mark.parametrize("framework", ["sanic", "quart", "starlette"])
+async def test_the_pinned_path_counts_alike_in_every_adapter(on_fly: None, framework: str) -> None:
+    """Sanic's and the ASGI adapter's raw-cookie shortcut skips decide(): they must count
+    what it counts (Quart always decides)."""
+    from .asgi_client import LifespanClient
+
+    port = free_port()
+    async with LifespanClient(plain_app(framework, StickyConfig(metrics_port=port))) as client:
         pin = {"cookie": f"a=b; fly-machine-id={MACHINE}"}
         for _ in range(3):
             assert (await client.get("/", headers=pin)).status_code == 200
         hit = {**pin, "fly-replay-cache-status": "hit"}
         assert (await client.get("/", headers=hit)).status_code == 200
+        assert (
+            await client.get("/", headers={"cookie": f"fly-machine-id={MACHINE}"})
+        ).status_code == 200
         assert (await client.get("/")).status_code == 200
+        assert (
+            await client.get("/", headers={"cookie": f"fly-machine-id={OTHER}"})
+        ).status_code == 307
         samples = parse((await get(f"http://127.0.0.1:{port}/metrics"))[2])
-    assert value(samples, "flysticky_decisions_total", outcome="pinned") == 4
+    assert value(samples, "flysticky_decisions_total", outcome="pinned") == 5
     assert value(samples, "flysticky_decisions_total", outcome="stamped") == 1
+    assert value(samples, "flysticky_decisions_total", outcome="replayed") == 1
     assert value(samples, "flysticky_replay_cache_arrivals_total", status="hit") == 1
+    assert value(samples, "flysticky_decisions_total") == 7
 
 
 # ---------------------------------------------------------------- end to end
@@ -468,5 +511,26 @@ async def test_each_machines_metrics_equal_what_was_sent_and_seen(framework: str
             fly = parse(text)
             assert value(fly, "flysticky_repins_total") == victims
             assert value(fly, "fly_emulator_requests_total", instance=victim_id) == 0
+
+            # A machine crashes: Fly's proxy starts it again for the next request aimed at
+            # it, its memory (and so its counts) gone. Its sessions stay pinned to it; its
+            # counters start again from 0, which Prometheus's rate() takes as a reset.
+            pins.update((int(n), machine) for n, machine in moved.items())
+            crashed = next(m for m in survivors if m.id in pins.values())
+            mine = sum(1 for machine in pins.values() if machine == crashed.id)
+            await emulator.fleet.kill(crashed)
+            seen_before = crashed.counters.requests
+            for n, session in enumerate(sessions):
+                body = await whoami(session)
+                assert body["machine"] == pins[n]
+                if pins[n] == crashed.id:
+                    assert body["outcome"] == "pinned"
+            restarted = await scrape(crashed)
+            assert value(restarted, "flysticky_decisions_total", outcome="pinned") == mine
+            assert value(restarted, "flysticky_decisions_total", outcome="repinned") == 0
+            assert value(restarted, "flysticky_repins_total") == 0
+            assert value(restarted, "flysticky_decisions_total") == (
+                crashed.counters.requests - seen_before
+            )
         finally:
             await asyncio.gather(*(s.close() for s in sessions))
