@@ -61,7 +61,14 @@ class Serving:
             network = None
         self.network = network
         port = self.config.metrics_port
-        if port is not None and decider is not None and self.tally is not None:
+        if port is not None and str(port) == os.environ.get("PORT"):
+            # Bound first, it would take the app's own port from the app.
+            log.error(
+                "StickyConfig.metrics_port=%d is the app's own port ($PORT): metrics not "
+                "served. Give them a port of their own, and the same in fly.toml's [metrics].",
+                port,
+            )
+        elif port is not None and decider is not None and self.tally is not None:
             from .metrics import MetricsServer, TallyCollector
 
             try:

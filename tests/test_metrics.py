@@ -277,6 +277,23 @@ async def test_a_second_process_finds_the_port_taken_and_says_so(
         await first.stop()
 
 
+async def test_the_apps_own_port_is_never_taken_for_metrics(
+    on_fly: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    monkeypatch.setenv("PORT", str(port))
+    serving = Serving(StickyConfig(metrics_port=port))
+    with caplog.at_level(logging.ERROR, "flysticky"):
+        await serving.start()
+    try:
+        assert serving.started and serving.metrics is None
+        assert "the app's own port ($PORT)" in caplog.text
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await get(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        await serving.stop()
+
+
 async def test_off_fly_nothing_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLY_MACHINE_ID", raising=False)
     port = free_port()
