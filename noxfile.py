@@ -53,6 +53,7 @@ TESTS = [
     "tests/test_asgi_specifics.py",
     "tests/test_socketio.py",
     "tests/test_metrics.py",
+    "tests/test_check.py",
 ]
 #: The adapters' rules on real servers, without the suites that drive a fleet through the
 #: emulator (end to end, Socket.IO, the CLI): CI's newest-Python cell, which the README's
