@@ -314,3 +314,33 @@ def test_the_template_copies_it_without_rendering() -> None:
     parts = RELATIVE.split("/")
     paths = ["/".join(parts[: i + 1]) for i in range(len(parts))]  # the dir, then the file
     assert any(fnmatch.fnmatch(p, pattern) for p in paths for pattern in patterns), patterns
+
+
+def test_the_tables_above_are_what_flysticky_exports() -> None:
+    """COUNTERS, GAUGES and LABEL_VALUES against a real exposition of flysticky's collector
+    (every family, every label value it can take): the dashboard follows the code."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from flysticky import StickyConfig
+    from flysticky.core import ARRIVAL_HEADERS, Decider, Tally
+    from flysticky.metrics import TallyCollector
+
+    tally = Tally()
+    decider = Decider(StickyConfig(), "90801679a10038", tally)
+    decider.owners.update(["90801679a10038"])
+    for header in ARRIVAL_HEADERS:
+        tally.repins[header] = 1
+    tally.arrived("anything else")
+    registry = CollectorRegistry()
+    registry.register(TallyCollector(tally, lambda: decider))
+    exported: dict[str, set[str]] = {}
+    values: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            exported.setdefault(sample.name, set()).update(sample.labels)
+            for label, value in sample.labels.items():
+                values.setdefault(label, set()).add(value)
+    assert exported == {name: set(labels) for name, labels in METRICS.items()}
+    values.pop("version")
+    assert values == {label: set(allowed) for label, allowed in LABEL_VALUES.items()}
