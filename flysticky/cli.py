@@ -1,4 +1,4 @@
-"""``flysticky proxy``, ``flysticky demo`` and ``flysticky new``."""
+"""``flysticky proxy``, ``flysticky demo``, ``flysticky new`` and ``flysticky check``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .check import DEFAULT_TIMEOUT
+from .check import run as run_check
 from .proxy.flytoml import app_name_problem
 from .proxy.machines import MAX_MACHINES
 from .regions import region_problem
@@ -169,6 +171,26 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--output-dir", type=Path, default=Path("."))
     new.add_argument("--no-input", action="store_true", help="use defaults and KEY=VALUE only")
     new.add_argument("context", nargs="*", metavar="KEY=VALUE", help="e.g. framework=quart")
+    check = commands.add_parser(
+        "check",
+        help="check a project's fly.toml, Dockerfile and StickyConfig against Fly's rules",
+        description="Read fly.toml, the Dockerfile (and Procfile) and the app's StickyConfig "
+        "(by importing the app's module in a subprocess, never running its server) and report "
+        "what keeps sessions from sticking. Exit status: 0 without errors, 1 with errors (or "
+        "warnings, with --strict), 2 when PATH is not a Fly project.",
+        epilog="a warning can be accepted in fly.toml: # flysticky: accept <id>",
+    )
+    check.add_argument(
+        "path", nargs="?", type=Path, default=Path("."), metavar="PATH", help="default: ."
+    )
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--strict", action="store_true", help="warnings fail too (exit status 1)")
+    check.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds the app's module may take to import (default {DEFAULT_TIMEOUT:g})",
+    )
     return parser
 
 
@@ -187,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list, command = args_list[:at], args_list[at + 1 :]
     parser = build_parser()
     args = parser.parse_args(args_list)
+    if args.command == "check":
+        return run_check(args.path, as_json=args.json, strict=args.strict, timeout=args.timeout)
     if args.command in ("new", "demo"):
         _needs("cookiecutter", "template")
     if args.command in ("proxy", "demo"):

@@ -686,6 +686,14 @@ def test_sdist_and_wheel_build_pass_twine_and_hold_no_bytecode(tmp_path: Path) -
     for names in (in_wheel, in_sdist):
         assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".pyo"))]
     assert "flysticky/template/{{cookiecutter.project_slug}}/.gitignore" in in_wheel
+    # Every module ships: a subpackage missing from pyproject's packages would not.
+    modules = {
+        f"flysticky/{path.relative_to(ROOT / 'flysticky').as_posix()}"
+        for path in (ROOT / "flysticky").rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert modules <= set(in_wheel), sorted(modules - set(in_wheel))
+    assert "flysticky/template/{{cookiecutter.project_slug}}/grafana/flysticky.json" in in_wheel
     assert "flysticky/template/{{cookiecutter.project_slug}}/tests/test_app.py" not in in_wheel
     assert f"flysticky-{version}/template/hooks/pre_gen_project.py" in in_sdist
 
