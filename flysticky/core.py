@@ -414,6 +414,17 @@ class Decider:
         if tally is not None:
             self.decide = self._counting(self.decide, tally)
 
+    def surely_pinned(self, cookie_header: str | None) -> bool:
+        """Whether the Cookie header surely pins the request here (``pinned_cookie_text``):
+        then ``pinned`` is the decision, for an adapter that skips ``decide`` (and counts
+        it with ``Tally.count_pinned``)."""
+        ending = self.pinned_cookie_text_ending
+        return (
+            ending is not None
+            and cookie_header is not None
+            and (cookie_header.endswith(ending) or cookie_header == self.pinned_cookie_text)
+        )
+
     def _counting(
         self, decide: Callable[[Any, str | None, HeaderLookup, bool], Decision], tally: Tally
     ) -> Callable[[Any, str | None, HeaderLookup, bool], Decision]:

@@ -25,6 +25,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from .config import StickyConfig
 from .core import (
+    CACHE_STATUS_HEADER,
     REPLAY_HEADER,
     REPLAY_STATUS,
     Decision,
@@ -101,9 +102,15 @@ class StickySessions:
             return None
         headers: Headers = target.headers
         cookie = join_cookie_headers(headers.getlist("cookie"))
+        if decider.surely_pinned(cookie):  # every request of every session: nothing to add
+            tally = decider.tally
+            if tally is not None:
+                tally.count_pinned(headers.get(CACHE_STATUS_HEADER))
+            g.flysticky = decider.pinned
+            return None
         decision = decider.decide(target, cookie, HeaderTable(headers.items()), is_websocket)
         g.flysticky = decision
-        if decision is decider.pinned:  # every request of every session: nothing to add
+        if decision is decider.pinned:
             return None
         if decision.replay is not None:
             return Response(b"", REPLAY_STATUS, {REPLAY_HEADER: decision.replay})

@@ -60,17 +60,12 @@ _getone = CIMultiDict.get
 
 
 def _decided(decider: Decider, request: Request, is_websocket: bool) -> Decision:
-    """The decision for ``request``. A Cookie header that surely pins it here (see
-    Decider.pinned_cookie_text) is ``pinned`` without ``decide``."""
+    """The decision for ``request``. A Cookie header that surely pins it here is
+    ``pinned`` without ``decide``."""
     headers = request.headers
     values = _getall(headers, _COOKIE, None)
     cookie = values[0] if values is not None and len(values) == 1 else join_cookie_headers(values)
-    ending = decider.pinned_cookie_text_ending
-    if (
-        ending is not None
-        and cookie is not None
-        and (cookie.endswith(ending) or cookie == decider.pinned_cookie_text)
-    ):
+    if decider.surely_pinned(cookie):
         tally = decider.tally
         if tally is not None:
             tally.count_pinned(_getone(headers, _CACHE_STATUS, None))
