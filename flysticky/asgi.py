@@ -28,13 +28,11 @@ from typing import Any
 
 from .config import StickyConfig
 from .core import (
-    CACHE_STATUS_HEADER,
     REPLAY_HEADER,
     REPLAY_STATUS,
     Decider,
     Decision,
     HeaderTable,
-    Tally,
     apply_stamp,
     log,
 )
@@ -232,7 +230,7 @@ class StickySessions:
                 ):
                     decision = decider.pinned  # what decide() says, for less
                     if decider.tally is not None:
-                        _count_pinned(decider.tally, raw)
+                        decider.tally.count_pinned_raw(raw)
                 else:
                     decision = self._decide(decider, scope, receive, send, found)
                 try:
@@ -327,17 +325,6 @@ class StickySessions:
             await send(message)
 
         await self.app(scope, watched_receive, watched_send)
-
-
-_CACHE_STATUS = CACHE_STATUS_HEADER.encode()
-
-
-def _count_pinned(tally: Tally, raw: list[tuple[bytes, bytes]]) -> None:
-    """Count a pinned decision made without ``decide``, with the cache status it carries."""
-    for name, value in raw:
-        if name == _CACHE_STATUS:
-            return tally.count_pinned(value.decode("latin-1"))
-    return tally.count_pinned(None)
 
 
 async def _send_replay(send: Send, replay: str, kind: str = "http.response") -> None:

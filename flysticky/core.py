@@ -56,6 +56,7 @@ ROUTED_ARRIVAL_HEADERS = tuple(h for h in ARRIVAL_HEADERS if h != CACHE_STATUS_H
 #: The values of CACHE_STATUS_HEADER; anything else is counted as "other" (a metric's
 #: label must take few values).
 CACHE_STATUSES = ("hit", "miss", "bypass")
+_CACHE_STATUS_RAW = CACHE_STATUS_HEADER.encode()
 
 
 class HeaderLookup(Protocol):
@@ -178,6 +179,14 @@ class Tally:
         self.pinned += 1
         if cache_status is not None:
             self.arrived(cache_status)
+
+    def count_pinned_raw(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """``count_pinned`` over an ASGI scope's raw headers (lowercase names, bytes): a
+        scan that builds nothing, for adapters that hold them."""
+        for name, value in headers:
+            if name == _CACHE_STATUS_RAW:
+                return self.count_pinned(value.decode("latin-1"))
+        return self.count_pinned(None)
 
     def arrived(self, cache_status: str) -> None:
         status = cache_status.strip().lower()

@@ -25,7 +25,6 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from .config import StickyConfig
 from .core import (
-    CACHE_STATUS_HEADER,
     REPLAY_HEADER,
     REPLAY_STATUS,
     Decision,
@@ -104,8 +103,8 @@ class StickySessions:
         cookie = join_cookie_headers(headers.getlist("cookie"))
         if decider.surely_pinned(cookie):  # every request of every session: nothing to add
             tally = decider.tally
-            if tally is not None:
-                tally.count_pinned(headers.get(CACHE_STATUS_HEADER))
+            if tally is not None:  # the raw headers: Werkzeug's lookup of a missing one raises
+                tally.count_pinned_raw(target.scope["headers"])
             g.flysticky = decider.pinned
             return None
         decision = decider.decide(target, cookie, HeaderTable(headers.items()), is_websocket)
