@@ -56,9 +56,12 @@ TESTS = [
     "tests/test_check.py",
 ]
 #: The adapters' rules on real servers, without the suites that drive a fleet through the
-#: emulator (end to end, Socket.IO, the CLI): CI's newest-Python cell, which the README's
-#: test command and the floors cell leave to it (the whole set runs in `latest` cells).
-ADAPTER_TESTS = [t for t in TESTS if "end_to_end" not in t and "socketio" not in t]
+#: emulator (end to end, Socket.IO, the CLI) or read projects (`flysticky check`): CI's
+#: newest-Python cell, which the README's test command and the floors cell leave to it (the
+#: whole set runs in `latest` cells).
+ADAPTER_TESTS = [
+    t for t in TESTS if "end_to_end" not in t and "socketio" not in t and "check" not in t
+]
 #: Where aiohttp's and cookiecutter's floors show (`flysticky proxy`, `flysticky new`): in
 #: the floors and latest cells.
 WITH_CLI = [*TESTS, "tests/test_cli.py"]
