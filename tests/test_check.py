@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -469,6 +470,26 @@ def test_internal_port_other_than_port_from_the_environment_is_an_error(tmp_path
         check(make(tmp_path, {"Dockerfile": dockerfile, "fly.toml": fly})), "internal-port-mismatch"
     )
     assert "port 9000" in finding.what and "PORT=9000 from fly.toml [env] PORT" in finding.what
+
+
+def test_a_generated_project_whose_internal_port_left_port_behind_is_warned(
+    generated: dict[str, Path], tmp_path: Path
+) -> None:
+    """The template's apps listen on a socket they make from $PORT, which the check cannot
+    read: internal_port against the machines' PORT says what it can."""
+    project = tmp_path / "moved"
+    shutil.copytree(generated["sanic"], project)
+    fly = project / "fly.toml"
+    fly.write_text(fly.read_text().replace("internal_port = 8080", "internal_port = 3000"))
+    finding = only(check(project), "port-env-mismatch")
+    assert finding.severity == "warning" and finding.line == line_of(
+        fly.read_text(), "internal_port = 3000"
+    )
+    assert (
+        "internal_port = 3000" in finding.what
+        and "PORT=8080 from fly.toml [env] PORT" in finding.what
+    )
+    assert finding.fix == 'internal_port = 8080, or PORT = "3000" in [env].'
 
 
 def test_lines_inside_a_multiline_string_are_not_keys(tmp_path: Path) -> None:

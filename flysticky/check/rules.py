@@ -410,9 +410,11 @@ def check_internal_port(project: Project) -> Iterator[Finding]:
 
     Fly's rule: the proxy sends a service's requests to ``internal_port`` on each machine
     of the service's processes."""
+    known = False
     for launch, binds in _serving(project):
         if any(b.port is None for b in binds):
             continue
+        known = True
         ports = {b.port for b in binds if b.port is not None}
         for service in project.http_services:
             internal = service.internal_port
@@ -434,6 +436,32 @@ def check_internal_port(project: Project) -> Iterator[Finding]:
                 "listening on another port gets none of them.",
                 f"internal_port = {sorted(ports)[0]}, or make the app listen on {internal}.",
             )
+    if not known:
+        yield from _port_env_mismatch(project)
+
+
+def _port_env_mismatch(project: Project) -> Iterator[Finding]:
+    """Where the app's port cannot be read (a socket it makes itself, say), the machines'
+    PORT against internal_port: most apps listen on $PORT (the template's do)."""
+    port = project.env.get("PORT")
+    if port is None or not port.value.strip().isdigit():
+        return
+    for service in project.http_services:
+        internal = service.internal_port
+        if internal is None or internal == int(port.value):
+            continue
+        yield Finding(
+            "port-env-mismatch",
+            "warning",
+            "fly.toml",
+            project.lines.line(service.table, "internal_port", service.index),
+            f"{service.label} internal_port = {internal}, but the machines get "
+            f"{port.said('PORT')}.",
+            "Fly's proxy sends the service's requests to internal_port on each machine; an app "
+            "that listens on $PORT, as most do, gets none of them. Where the app listens could "
+            "not be read, so this is a warning.",
+            f'internal_port = {port.value}, or PORT = "{internal}" in [env].',
+        )
 
 
 # --- 5. IPv6 ------------------------------------------------------------------------------------
