@@ -160,6 +160,7 @@ class MetricsServer:
         return server
 
     def addresses(self) -> list[tuple[str, int]]:
+        """Where it listens: (host, port) of each socket."""
         server = self._server
         return [s.getsockname()[:2] for s in server.sockets] if server is not None else []
 
