@@ -173,6 +173,12 @@ class StickySessions:
         # The decision a request carries without storing it (see the module's doc):
         # the pinned one when the app's request class was swapped, else none.
         self._implicit: Decision | None = None
+        # What the wrappers test the Cookie header against inline (the core's
+        # pinned_cookie_text_ending and pinned_cookie_text): set only when a pinned
+        # request needs nothing but its handler (the implicit decision is the pinned one,
+        # nothing to count); else None, and every request goes through decide.
+        self._pinned_ending: str | None = None
+        self._pinned_text: str | None = None
         self._app_request_class: type[Request] | None = None
         self._request_classes: dict[type[Request], type[Request]] = {}
         self._middleware = Middleware(self._request_middleware, MiddlewareLocation.REQUEST)
@@ -282,10 +288,12 @@ class StickySessions:
         """The route handler, deciding first. Runs on every request: kept lean.
 
         It is a plain function: Sanic awaits whatever it returns, so the pinned path
-        hands back the handler's own coroutine, with no extra frame around it. A route
-        without path parameters gets a wrapper that takes the request alone, sparing
-        the packing of empty arguments on every request. The same handler keeps the
-        same wrapper across server starts: Sanic's router caches it.
+        hands back the handler's own coroutine, with no extra frame around it. The pinned
+        path is tested inline, against the core's ``pinned_cookie_text_ending`` (as the
+        ASGI adapter does on raw bytes), before anything else. A route without path
+        parameters gets a wrapper that takes the request alone, sparing the packing of
+        empty arguments on every request. The same handler keeps the same wrapper across
+        server starts: Sanic's router caches it.
         """
         wrapped: _Wrapped | None = getattr(handler, _WRAPPED, None)
         if wrapped is not None:
@@ -297,8 +305,9 @@ class StickySessions:
         info = _Wrapped(handler, has_params)
         sticky_handler: Callable[..., Any]
 
-        # Two copies of the same few lines, one per signature: the pinned path runs
-        # inline in either, without a call to a shared helper.
+        # Two copies of the same lines, one per signature: every path runs inline in
+        # either, without a call to a shared helper (which would cost the pinned path
+        # more than its whole test, and the other paths the packing of arguments).
         if has_params:
 
             def sticky_handler(request: Request, *args: Any, **kwargs: Any) -> Any:
@@ -308,7 +317,20 @@ class StickySessions:
                     if info.hooked:
                         verdict = plugin._hooked_verdict(request)
                     else:
-                        decision = _decided(decider, request, is_websocket)
+                        ending = plugin._pinned_ending
+                        if ending is None:
+                            decision = _decided(decider, request, is_websocket)
+                        else:  # the pinned path's test, inline; then decide() for the rest
+                            headers = request.headers
+                            values = _getall(headers, _COOKIE, None)
+                            cookie: str | None
+                            if values is not None and len(values) == 1:
+                                cookie = one = values[0]
+                                if one.endswith(ending) or one == plugin._pinned_text:
+                                    return handler(request, *args, **kwargs)
+                            else:
+                                cookie = join_cookie_headers(values)
+                            decision = decider.decide(request, cookie, headers, is_websocket)
                         if decision is plugin._implicit:
                             return handler(request, *args, **kwargs)
                         verdict = plugin._apply(request, decision, is_websocket)
@@ -331,7 +353,20 @@ class StickySessions:
                     if info.hooked:
                         verdict = plugin._hooked_verdict(request)
                     else:
-                        decision = _decided(decider, request, is_websocket)
+                        ending = plugin._pinned_ending
+                        if ending is None:
+                            decision = _decided(decider, request, is_websocket)
+                        else:  # the pinned path's test, inline; then decide() for the rest
+                            headers = request.headers
+                            values = _getall(headers, _COOKIE, None)
+                            cookie: str | None
+                            if values is not None and len(values) == 1:
+                                cookie = one = values[0]
+                                if one.endswith(ending) or one == plugin._pinned_text:
+                                    return handler(request)
+                            else:
+                                cookie = join_cookie_headers(values)
+                            decision = decider.decide(request, cookie, headers, is_websocket)
                         if decision is plugin._implicit:
                             return handler(request)
                         verdict = plugin._apply(request, decision, is_websocket)
@@ -373,6 +408,10 @@ class StickySessions:
     def _wire(self, app: Sanic[Any, Any], decider: Decider | None) -> None:
         self._decider = decider
         app.request_class = self._request_class(app, decider)
+        self._pinned_ending = self._pinned_text = None
+        if decider is not None and decider.tally is None and self._implicit is decider.pinned:
+            self._pinned_ending = decider.pinned_cookie_text_ending
+            self._pinned_text = decider.pinned_cookie_text
         on_fly = decider is not None
         for route in app.router.routes:
             chain = route.extra.request_middleware
