@@ -188,7 +188,10 @@ async def server_figures(
             fleets: list[Fleet] = []
             try:
                 apps: dict[str, Machine] = {}
-                for variant in variants:
+                # Started, warmed and measured in this round's order (reversed every other
+                # round): neither an earlier start nor an earlier turn is a steady edge.
+                ordered = variants if round_ % 2 == 0 else variants[::-1]
+                for variant in ordered:
                     fleet, apps[variant] = await start(framework, command, variant)
                     fleets.append(fleet)
                 # The peer reads the cookie as flysticky does, against its own machine id.
@@ -196,17 +199,17 @@ async def server_figures(
                     label: apps[label if label in ("peer", "metered") else "sticky"].id
                     for label in apps
                 }
-                for label, machine in apps.items():  # warm up
-                    wrk(machine, cookie_for("pinned", pin[label]), 1, connections)
+                for label in ordered:  # warm up
+                    wrk(apps[label], cookie_for("pinned", pin[label]), 1, connections)
                 for path in PATHS:
                     series = results.setdefault((name, path), {v: Series() for v in VARIANTS})
                     # The bare apps get the very same requests; they ignore the cookie.
                     order = [
                         label
-                        for label in apps
+                        for label in ordered
                         if path == "pinned" or label not in ("twin", "metered")
                     ]
-                    for label in order if round_ % 2 == 0 else order[::-1]:
+                    for label in order:
                         cookie = cookie_for(path, pin[label])
                         sample = wrk(apps[label], cookie, seconds, connections)
                         series[label].samples.append(sample)
