@@ -12,6 +12,8 @@ from sanic import Request, Sanic, json
 from sanic.response import ResponseStream, file_stream
 from sanic_testing.testing import SanicASGITestClient
 
+from flysticky import Decider, StickyConfig
+from flysticky.core import join_cookie_headers
 from flysticky.sanic import StickySessions, current_decision
 
 from .asgi_client import LifespanClient, sanic_asgi
@@ -158,3 +160,52 @@ async def test_the_fast_path_serves_routes_with_and_without_parameters(
         assert response.status_code == 307  # no route: the app-wide middleware decides
     # Every routed request was decided by the wrapper: the middleware saw only /nowhere.
     assert middleware_calls == ["/nowhere"]
+
+
+async def test_the_inline_pinned_test_agrees_with_decide_on_every_cookie_shape(
+    on_fly: str,
+) -> None:
+    """The route wrapper tests the Cookie header itself (the pinned path, inline) and
+    hands the rest to decide(): for every shape, on both wrapper signatures, the answer
+    is decide()'s, with one Cookie line or several."""
+    app: Sanic[Any, Any] = Sanic(f"inline_{uuid.uuid4().hex[:8]}")
+
+    async def show(request: Request, name: str = "-") -> Any:
+        decision = current_decision(request)
+        assert decision is not None
+        return json({"outcome": decision.outcome.value})
+
+    app.add_route(show, "/plain", name="plain")
+    app.add_route(show, "/named/<name>", name="named")
+    StickySessions(app)
+    reference = Decider(StickyConfig(), MACHINE)
+    shapes = ["", "; ", ";", "a=1; ", "x", "fly-machine-id=", '"']
+    values = [MACHINE, OTHER, f"{MACHINE}!", f" {MACHINE}", ""]
+    extras = ["", f"; fly-machine-id={OTHER}", f"; fly-machine-id={MACHINE}", "; fly-machine-id"]
+    lines: list[list[str]] = [
+        [f"{before}fly-machine-id={value}{after}{extra}"]
+        for before in shapes
+        for value in values
+        for after in shapes
+        for extra in extras
+    ]
+    lines += [
+        [f"a=1; fly-machine-id={MACHINE}", f"fly-machine-id={OTHER}"],
+        [f"fly-machine-id={MACHINE}", "b=2"],
+        [f"fly-machine-id={OTHER}", f"fly-machine-id={MACHINE}"],
+        ["a=1", f"fly-machine-id={MACHINE}"],
+    ]
+    taken = 0
+    async with LifespanClient(sanic_asgi(app)) as client:
+        for cookie_lines in lines:
+            expected = reference.decide(None, join_cookie_headers(cookie_lines), {})
+            taken += len(cookie_lines) == 1 and reference.surely_pinned(cookie_lines[0])
+            for path in ("/plain", "/named/x"):
+                response = await client.get(path, headers=[("cookie", c) for c in cookie_lines])
+                if expected.replay is not None:
+                    assert response.status_code == 307, (path, cookie_lines)
+                    assert response.headers["fly-replay"] == expected.replay
+                    continue
+                assert response.json() == {"outcome": expected.outcome.value}, (path, cookie_lines)
+                assert ("set-cookie" in response.headers) is (expected.set_cookie is not None)
+    assert taken > 50  # many shapes are settled by the inline test, not by decide()
