@@ -182,7 +182,7 @@ async def server_figures(
         framework, command, with_peer = SERVERS[name]
         rounds, seconds = server_runs(args, name)
         # A second bare process (the twin): the pinned path's A/A pair, what the noise
-        # alone gives. The peer last, so that flysticky stays next to its bare app.
+        # alone gives. The peer at an end, so that flysticky stays next to its bare app.
         variants = ["bare", "sticky", "metered", "twin", *(["peer"] if with_peer else [])]
         for round_ in range(rounds):
             fleets: list[Fleet] = []

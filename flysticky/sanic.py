@@ -406,9 +406,9 @@ class StickySessions:
         return made
 
     def _wire(self, app: Sanic[Any, Any], decider: Decider | None) -> None:
+        self._pinned_ending = self._pinned_text = None  # armed below, for this decider only
         self._decider = decider
         app.request_class = self._request_class(app, decider)
-        self._pinned_ending = self._pinned_text = None
         if decider is not None and decider.tally is None and self._implicit is decider.pinned:
             self._pinned_ending = decider.pinned_cookie_text_ending
             self._pinned_text = decider.pinned_cookie_text
